@@ -1,0 +1,163 @@
+"""ONNX graph surgery shared by every exporter (torch-free: onnx and numpy only).
+
+- `flatten_trainable`: the chosen initializers become slices of one flat float32 graph input.
+- `write_artifact`: the artifact folder, written atomically (a temp folder renamed into place).
+- `write_back`: the inference graph with trained values, plus training metadata.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..runtime.errors import EdgezoError
+from ..runtime.files import atomic_write
+from ..runtime.manifest import FORMAT_VERSION, validate
+
+PARAMS_INPUT = "params"
+OPSET = 18
+_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.INT64: "int64",
+           TensorProto.INT32: "int32"}
+
+
+def edgezo_version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("edgezo")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def value_info(value):
+    """{name, shape (symbolic dims as strings, the first as "batch"), dtype} of a graph input/output."""
+    t = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "batch") for d in t.shape.dim]
+    if shape and isinstance(shape[0], str):
+        shape[0] = "batch"
+    dtype = _DTYPES.get(t.elem_type)
+    if dtype is None:
+        raise EdgezoError(f"graph value {value.name!r} has unsupported element type "
+                          f"{TensorProto.DataType.Name(t.elem_type)}")
+    return {"name": value.name, "shape": shape, "dtype": dtype}
+
+
+def tensor_entry(tensor, offset=None):
+    shape = [int(d) for d in tensor.dims]
+    entry = {"name": tensor.name, "shape": shape, "dtype": _DTYPES.get(tensor.data_type, str(tensor.data_type)),
+             "size": int(np.prod(shape, dtype=np.int64))}
+    if offset is not None:
+        entry["offset"] = offset
+    return entry
+
+
+def flatten_trainable(model, trainable):
+    """Replace the initializers named in `trainable` (in that order) by slices of one flat input.
+
+    Returns (new model, trainable entries, frozen entries, flat float32 initial vector).
+    """
+    graph = model.graph
+    by_name = {t.name: t for t in graph.initializer}
+    entries, chunks, offset = [], [], 0
+    for name in trainable:
+        tensor = by_name.get(name)
+        if tensor is None:
+            raise EdgezoError(f"trainable tensor {name!r} is not an initializer of the graph")
+        if tensor.data_type != TensorProto.FLOAT:
+            raise EdgezoError(f"trainable tensor {name!r} has type {TensorProto.DataType.Name(tensor.data_type)}; "
+                              "only float32 tensors can be trained")
+        entry = tensor_entry(tensor, offset)
+        entries.append(entry)
+        chunks.append(numpy_helper.to_array(tensor).astype(np.float32).reshape(-1))
+        offset += entry["size"]
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # leave the caller's model as it was
+    graph = model.graph
+    keep = [t for t in graph.initializer if t.name not in set(trainable)]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = []
+    for e in entries:
+        start, end, shape = f"{e['name']}__start", f"{e['name']}__end", f"{e['name']}__shape"
+        graph.initializer.extend([numpy_helper.from_array(np.array([e["offset"]], np.int64), start),
+                                  numpy_helper.from_array(np.array([e["offset"] + e["size"]], np.int64), end),
+                                  numpy_helper.from_array(np.array(e["shape"], np.int64), shape)])
+        flat = f"{e['name']}__flat"
+        nodes += [helper.make_node("Slice", [PARAMS_INPUT, start, end], [flat], name=f"{e['name']}__slice"),
+                  helper.make_node("Reshape", [flat, shape], [e["name"]], name=f"{e['name']}__reshape")]
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)
+    graph.input.insert(0, helper.make_tensor_value_info(PARAMS_INPUT, TensorProto.FLOAT, [offset]))
+    frozen = [tensor_entry(t) for t in keep]
+    params = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return model, entries, frozen, params
+
+
+def check_model(model, what):
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise EdgezoError(f"{what} is not a valid ONNX model: {first}") from None
+
+
+def build_manifest(*, trainable, frozen, inputs, targets, outputs, loss, files, source):
+    manifest = {"format_version": FORMAT_VERSION, "num_params": sum(e["size"] for e in trainable),
+                "params_input": PARAMS_INPUT, "trainable": trainable, "frozen": frozen, "inputs": inputs,
+                "targets": targets, "outputs": outputs, "loss": loss, "files": files, "opset": OPSET,
+                "source": dict(source, edgezo_version=edgezo_version())}
+    return validate(manifest, "manifest (being written)")
+
+
+def write_artifact(out_dir, manifest, params, models, extra_files=()):
+    """Write manifest.json, params.npy and the ONNX models {file name: ModelProto} into out_dir at once.
+
+    Everything goes to a temporary sibling folder first, then is renamed into place: an error leaves
+    no half-written artifact. `extra_files` are (name, writer(path)) pairs written into the same folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise EdgezoError(f"--out {out_dir} exists and is not empty; choose a new folder")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EdgezoError(f"--out {out_dir}: cannot create its parent folder (a file is in the way)") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
+    try:
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        np.save(tmp / manifest["files"]["params"], params.astype(np.float32))
+        for name, model in models.items():
+            onnx.save(model, tmp / name)
+        for name, writer in extra_files:
+            writer(tmp / name)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def write_back(inference_path, trainable, params, out_path, metadata=None):
+    """The inference model at `inference_path` with the trainable initializers set from `params`."""
+    model = onnx.load(str(inference_path))
+    by_name = {t.name: t for t in model.graph.initializer}
+    for e in trainable:
+        tensor = by_name.get(e["name"])
+        if tensor is None:
+            raise EdgezoError(f"{inference_path}: has no initializer {e['name']!r} listed in the manifest")
+        value = np.asarray(params[e["offset"]:e["offset"] + e["size"]], np.float32).reshape(e["shape"])
+        tensor.CopyFrom(numpy_helper.from_array(value, e["name"]))
+    info = {"edgezo_version": edgezo_version(), **(metadata or {})}
+    keep = [p for p in model.metadata_props if not p.key.startswith("edgezo")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in info.items():
+        model.metadata_props.add(key=f"edgezo.{key}" if key != "edgezo_version" else "edgezo.version",
+                                 value=value if isinstance(value, str) else json.dumps(value))
+    atomic_write(out_path, lambda path: onnx.save(model, str(path)))
+    return out_path

@@ -1,0 +1,118 @@
+"""Load an artifact folder and evaluate its loss through onnxruntime (no torch)."""
+from pathlib import Path
+
+import numpy as np
+
+from ..devices import active_device, make_session
+from . import manifest as manifest_mod
+from .errors import EdgezoError, check
+from .optim import CoordinateProbe, perturbed
+
+NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32}
+
+
+class Artifact:
+    """An exported model: `initial_params()`, `loss(...)`, `losses(...)`, `outputs(...)`."""
+
+    def __init__(self, path, device="auto", threads=None):
+        self.path = Path(path)
+        check(self.path.is_dir(), f"artifact {self.path} is not a folder")
+        self.manifest = manifest_mod.read(self.path / "manifest.json")
+        for key, name in self.manifest["files"].items():
+            if key in ("loss", "inference", "params") and not (self.path / name).is_file():
+                raise EdgezoError(f"artifact {self.path} is missing {name} (manifest files.{key})")
+        self.num_params = self.manifest["num_params"]
+        self.input_names = [v["name"] for v in self.manifest["inputs"]]
+        self.target_names = [v["name"] for v in self.manifest["targets"]]
+        self.session = make_session(self.file("loss"), device, threads)
+        self.device = active_device(self.session)
+        self._check_graph()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def file(self, key):
+        return self.path / self.manifest["files"][key]
+
+    @property
+    def is_classifier(self):
+        return self.manifest["loss"]["kind"] == "cross_entropy"
+
+    def _check_graph(self):
+        graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        wanted = [self.manifest["params_input"]] + self.input_names + self.target_names
+        missing = [n for n in wanted if n not in graph_inputs]
+        if missing:
+            raise EdgezoError(f"{self.file('loss')}: has no graph input {missing[0]!r} named in manifest.json")
+        shape = graph_inputs[self.manifest["params_input"]].shape
+        if shape != [self.num_params]:
+            raise EdgezoError(f"{self.file('loss')}: params input has shape {shape}, manifest.json num_params "
+                              f"is {self.num_params}")
+
+    def initial_params(self):
+        path = self.file("params")
+        try:
+            params = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise EdgezoError(f"{path}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+        if params.dtype != np.float32 or params.shape != (self.num_params,):
+            raise EdgezoError(f"{path}: holds {params.dtype} {params.shape}, manifest.json wants float32 "
+                              f"({self.num_params},)")
+        return params.copy()
+
+    def feeds(self, inputs, targets=None):
+        """Name -> array for the graph, from arrays, tuples or dicts of arrays."""
+        feed = {}
+        groups = [(self.manifest["inputs"], inputs)]
+        if targets is not None:
+            groups.append((self.manifest["targets"], targets))
+        for specs, values in groups:
+            if isinstance(values, dict):
+                values = [values.get(s["name"]) for s in specs]
+            elif not isinstance(values, (list, tuple)):
+                values = [values]
+            check(len(values) == len(specs), f"expected {len(specs)} arrays for {[s['name'] for s in specs]}, "
+                                             f"got {len(values)}")
+            for spec, value in zip(specs, values):
+                check(value is not None, f"missing array {spec['name']!r}")
+                feed[spec["name"]] = np.ascontiguousarray(value, dtype=NP_DTYPES[spec["dtype"]])
+        return feed
+
+    def _run(self, params, feed, outputs=("loss",)):
+        feed[self.manifest["params_input"]] = np.ascontiguousarray(params, dtype=np.float32)
+        return self.session.run(list(outputs), feed)
+
+    def _check_params(self, params):
+        ok = isinstance(params, np.ndarray) and params.shape == (self.num_params,)
+        check(ok, f"params must be a float32 array of shape ({self.num_params},), got "
+                  f"{getattr(params, 'shape', type(params).__name__)}")
+
+    def loss(self, params, inputs, targets):
+        self._check_params(params)
+        return float(self._run(params, self.feeds(inputs, targets))[0])
+
+    def outputs(self, params, inputs, targets):
+        """(loss, model output) at params."""
+        self._check_params(params)
+        loss, out = self._run(params, self.feeds(inputs, targets), ("loss", self.output_names[1]))
+        return float(loss), out
+
+    def losses(self, params, probe, inputs, targets):
+        """One loss per probe row, in row order: one runtime call per row (the naive path)."""
+        self._check_params(params)
+        feed = self.feeds(inputs, targets)
+        base = np.asarray(params, dtype=np.float32)
+        if isinstance(probe, CoordinateProbe):
+            x = base.copy()
+            out = np.empty(len(probe))
+            for p, (i, d) in enumerate(zip(probe.index, probe.delta)):
+                x[i] = base[i] + d
+                out[p] = self._run(x, feed)[0]
+                x[i] = base[i]
+            return out
+        return np.array([self._run(perturbed(base, probe, p), feed)[0] for p in range(len(probe))])
+
+
+def load_artifact(path, device="auto", backend="onnxruntime", threads=None):
+    """Open an artifact folder for training. `device`: auto|cpu|cuda."""
+    if backend != "onnxruntime":
+        raise EdgezoError(f"backend must be 'onnxruntime', got {backend!r}")
+    return Artifact(path, device=device, threads=threads)
