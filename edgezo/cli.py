@@ -1,0 +1,237 @@
+"""The `edgezo` command line. User errors print one line and exit with code 2."""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .runtime.errors import EdgezoError, check
+
+OPTIMIZERS = ("cocd", "bccd")
+
+
+def parse_memory(text, n):
+    """--memory: a count (an integer) or a fraction of n in (0, 1] (a number with a point)."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise EdgezoError(f"--memory must be a count or a fraction in (0, 1], got {text!r}") from None
+        check(0 < fraction <= 1, f"--memory fraction must be in (0, 1], got {text}")
+        return max(1, int(round(fraction * n)))
+    check(1 <= value <= n, f"--memory must be in [1, n={n}], got {value}")
+    return value
+
+
+def make_optimizer(args, params):
+    from .runtime import optim
+    memory = None if args.memory is None else parse_memory(args.memory, params.size)
+    gamma = 0.0 if args.optimizer == "bccd" else args.gamma
+    return optim.CoCD(params, lr=args.lr, eps=args.eps, budget=args.budget, memory=memory, gamma=gamma,
+                      weight_decay=args.weight_decay, central=not args.one_sided)
+
+
+def optimizer_settings(opt):
+    state = opt.state_dict()
+    return {k: v for k, v in state.items() if not isinstance(v, np.ndarray) and k not in ("steps", "refreshed")}
+
+
+def prepare_out(out):
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EdgezoError(f"--out {out} exists and is not an empty folder; choose a new one")
+    for parent in out.parents:
+        if parent.exists():
+            check(parent.is_dir(), f"--out {out}: cannot create it, {parent} is a file")
+            break
+    return out
+
+
+def cmd_export(args):
+    from .exporters.models import builtin
+    from .exporters.torch_export import export_module
+    prepare_out(args.out)
+    model, x, y, loss = builtin(args.model, seed=args.seed)
+    formats = ("onnx", "pte") if args.pte else ("onnx",)
+    path = export_module(model, x, y, loss, args.out, formats=formats)
+    from .runtime.manifest import read
+    print(f"exported {args.model} ({read(Path(path) / 'manifest.json')['num_params']} trainable params) to {path}")
+
+
+def load_train_val(args, artifact):
+    from .runtime import data
+    train = data.load_data(args.data, artifact.manifest, args.target_columns)
+    if args.val_data:
+        return train, data.load_data(args.val_data, artifact.manifest, args.target_columns)
+    if args.val_fraction:
+        return data.split(train, args.val_fraction, args.seed)
+    return train, None
+
+
+def cmd_train(args):
+    from .runtime import load_artifact
+    from .runtime.train import fit
+    out = prepare_out(args.out)
+    check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
+    artifact = load_artifact(args.artifact, device=args.device)
+    params = artifact.initial_params()
+    opt = make_optimizer(args, params)
+    train, val = load_train_val(args, artifact)
+    from .runtime.data import num_rows
+    n_rows = num_rows(train)
+    check(1 <= args.batch_size <= n_rows, f"--batch-size must be in [1, {n_rows}] (the number of training rows), "
+                                          f"got {args.batch_size}")
+    print(f"training {artifact.num_params} params on {n_rows} rows with {args.optimizer} "
+          f"(B={opt.budget}, m={opt.memory}) on {artifact.device}", flush=True)
+    start = time.perf_counter()
+    history = fit(artifact, opt, train, args.batch_size, args.epochs, seed=args.seed, val_data=val,
+                  log=lambda line: print(line, flush=True))
+    metrics = {"optimizer": args.optimizer, "settings": optimizer_settings(opt), "steps": opt.steps,
+               "device": artifact.device, "seconds": time.perf_counter() - start, "history": history}
+    write_run(args, artifact.file("inference"), artifact.manifest, params, metrics)
+
+
+def write_run(args, inference_path, manifest, params, metrics):
+    """params.npy, trained.onnx and metrics.json into the run folder, each written atomically."""
+    from .devices.memory import peak_rss_mb
+    from .exporters.onnx_graph import write_back
+    from .runtime.files import atomic_write
+    out = Path(args.out)
+    metrics = {"artifact": str(Path(args.artifact).resolve()), **metrics, "batch_size": args.batch_size,
+               "epochs": args.epochs, "seed": args.seed, "peak_rss_mb": peak_rss_mb(),
+               "torch_imported": "torch" in sys.modules}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "params.npy", lambda p: np.save(p, params))
+    write_back(inference_path, manifest["trainable"], params, out / "trained.onnx",
+               {"optimizer": metrics["optimizer"], "settings": metrics.get("settings", {}), "steps": metrics["steps"]})
+    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=1)))
+    print(f"wrote {out}/params.npy, trained.onnx, metrics.json")
+
+
+def cmd_train_torch(args):
+    from .reference import fit_torch
+    from .runtime import data
+    from .runtime.manifest import read
+    out = prepare_out(args.out)
+    check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
+    manifest = read(Path(args.artifact) / "manifest.json")
+    train = data.load_data(args.data, manifest, args.target_columns)
+    val = data.load_data(args.val_data, manifest, args.target_columns) if args.val_data else None
+    if val is None and args.val_fraction:
+        train, val = data.split(train, args.val_fraction, args.seed)
+    print(f"training {manifest['num_params']} params with torch {args.optimizer} (backprop)", flush=True)
+    start = time.perf_counter()
+    history, params = fit_torch(args.artifact, args.optimizer, train, args.batch_size, args.epochs, args.lr,
+                                seed=args.seed, val_data=val, weight_decay=args.weight_decay,
+                                log=lambda line: print(line, flush=True))
+    metrics = {"optimizer": f"torch-{args.optimizer}", "settings": {"lr": args.lr, "weight_decay": args.weight_decay},
+               "steps": history[-1]["steps"], "device": "cpu", "seconds": time.perf_counter() - start,
+               "history": history}
+    write_run(args, Path(args.artifact) / manifest["files"]["inference"], manifest, params, metrics)
+
+
+def cmd_eval(args):
+    from .runtime import load_artifact
+    from .runtime.data import load_data
+    from .runtime.train import evaluate
+    artifact = load_artifact(args.artifact, device=args.device)
+    try:
+        params = np.load(args.params, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise EdgezoError(f"--params {args.params}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+    check(params.dtype == np.float32 and params.shape == (artifact.num_params,),
+          f"--params {args.params}: holds {params.dtype} {params.shape}, the artifact wants float32 "
+          f"({artifact.num_params},)")
+    result = evaluate(artifact, params, load_data(args.data, artifact.manifest, args.target_columns))
+    print(json.dumps(result))
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args)
+
+
+def add_train_flags(p):
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="cocd", help="cocd, or bccd (cocd with gamma 0)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--eps", type=float, default=1e-2, help="finite-difference radius")
+    p.add_argument("--budget", type=int, default=64, help="B: coordinates refreshed per step (2B evaluations)")
+    p.add_argument("--memory", default=None,
+                   help="m: gradient buffer size, a count or a fraction of n in (0, 1] (default n)")
+    p.add_argument("--gamma", type=float, default=1.0, help="buffer decay in [0, 1]; 0 is BCCD")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    p.add_argument("--one-sided", action="store_true", help="one-sided differences (B+1 evaluations a step)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="data order and validation split")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="edgezo", description="Forward-only on-device training (CoCD).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a built-in torch model to an artifact folder (needs torch)")
+    p.add_argument("--model", required=True, help="sarcos-mlp, mnist-cnn or resnet20")
+    p.add_argument("--out", required=True, help="artifact folder to create")
+    p.add_argument("--seed", type=int, default=0, help="weight initialization seed")
+    p.add_argument("--pte", action="store_true", help="also write model.pte (ExecuTorch)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train", help="train an artifact forward-only (no torch)")
+    p.add_argument("artifact", help="artifact folder (from edgezo export)")
+    p.add_argument("--data", required=True, help=".npz/.npy/.csv/.mat/IDX/CIFAR-10 training data")
+    p.add_argument("--val-data", help="validation data, same formats")
+    p.add_argument("--val-fraction", type=float, help="hold out this fraction of --data for validation")
+    p.add_argument("--target-columns", type=int, help="for .csv data: how many last columns are targets")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", required=True, help="run folder to create (metrics.json, params.npy, trained.onnx)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-torch", help="first-order reference: torch SGD/momentum/Adam on reference.pt2")
+    p.add_argument("artifact")
+    p.add_argument("--data", required=True)
+    p.add_argument("--val-data")
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--target-columns", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="sgd")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_torch)
+
+    p = sub.add_parser("eval", help="loss (and accuracy) of trained params on a dataset")
+    p.add_argument("artifact")
+    p.add_argument("--params", required=True, help="params.npy from a run folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--target-columns", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="robot-arm inverse dynamics: CoCD and BCCD via onnxruntime vs torch SGD")
+    p.add_argument("--out", default="runs/demo", help="folder for results (replaced if it exists)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--sarcos", help="a sarcos_inv.mat to use instead of the built-in arm model")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EdgezoError as e:
+        print(f"edgezo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

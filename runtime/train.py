@@ -1,0 +1,131 @@
+"""The training loop: ask a probe, evaluate its losses, tell them back. No torch.
+
+`steps(artifact, optimizer, batches)` is the streaming core: any iterable of (inputs, targets)
+batches (so on-device data can arrive as it is recorded), yielding one `StepResult` per step.
+`fit(...)` adds epochs over an in-memory dataset, validation, progress output and callbacks.
+"""
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import data as data_mod
+from .errors import EdgezoError
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float          # mean of the probe's losses: f(x) up to O(eps^2) for central probes
+    seconds: float
+
+
+def split_batch(artifact, batch):
+    """(inputs, targets) from a batch given as a pair or as a dict {name: array}."""
+    if isinstance(batch, dict):
+        return ({n: batch[n] for n in artifact.input_names}, {n: batch[n] for n in artifact.target_names})
+    inputs, targets = batch
+    return inputs, targets
+
+
+def steps(artifact, optimizer, batches):
+    """Train on each batch in turn; yields a StepResult after each optimizer step."""
+    for batch in batches:
+        inputs, targets = split_batch(artifact, batch)
+        start = time.perf_counter()
+        probe = optimizer.ask()
+        try:
+            losses = artifact.losses(optimizer.params, probe, inputs, targets)
+        except BaseException:
+            optimizer.discard()
+            raise
+        optimizer.tell(losses)
+        yield StepResult(optimizer.steps, float(np.mean(losses)), time.perf_counter() - start)
+
+
+def evaluate(artifact, params, data, batch_size=1024):
+    """Mean loss (and accuracy for classifiers) of params over a dataset."""
+    n = data_mod.num_rows(data)
+    total, correct = 0.0, 0
+    for rows in range(0, n, batch_size):
+        batch = data_mod.take(data, slice(rows, rows + batch_size))
+        inputs, targets = split_batch(artifact, batch)
+        loss, out = artifact.outputs(params, inputs, targets)
+        size = len(out)
+        total += loss * size
+        if artifact.is_classifier:
+            correct += int(np.sum(np.argmax(out, axis=-1) == targets[artifact.target_names[0]]))
+    result = {"loss": total / n}
+    if artifact.is_classifier:
+        result["accuracy"] = correct / n
+    return result
+
+
+class Progress:
+    """A one-line progress bar on stderr (only where stderr is a terminal, or when forced)."""
+
+    def __init__(self, total, label, enabled=None):
+        self.total, self.label = total, label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.last = 0.0
+
+    def update(self, done, loss):
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and done < self.total):
+            return
+        self.last = now
+        filled = int(30 * done / self.total)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} "
+                         f"loss {loss:.4g}")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=None, on_epoch=None,
+        log=print, progress=None, start_epoch=0, start_batch=0, on_step=None):
+    """Epochs of training over `train_data` (a dict of arrays); returns the per-epoch history.
+
+    Row order per epoch is `data.epoch_order(n, seed, epoch)`, so a run can resume at
+    (start_epoch, start_batch). `on_step(epoch, batch_index, result)` and `on_epoch(record)` are
+    called after each step and epoch.
+    """
+    n = data_mod.num_rows(train_data)
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise EdgezoError(f"--batch-size must be in [1, {n}] (the number of training rows), got {batch_size}")
+    per_epoch = (n + batch_size - 1) // batch_size
+    history = []
+    for epoch in range(start_epoch, epochs):
+        order = data_mod.epoch_order(n, seed, epoch)
+        bar = Progress(per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
+        first = start_batch if epoch == start_epoch else 0
+        losses, seconds = [], 0.0
+        batch_iter = data_mod.batches(train_data, batch_size, order, first)
+        for b, result in enumerate(steps(artifact, optimizer, batch_iter), start=first):
+            losses.append(result.loss)
+            seconds += result.seconds
+            bar.update(b + 1, float(np.mean(losses[-20:])))
+            if on_step:
+                on_step(epoch, b, result)
+        record = {"epoch": epoch + 1, "steps": optimizer.steps, "train_loss": float(np.mean(losses)) if losses
+                  else float("nan"), "seconds": seconds}
+        if val_data is not None:
+            val = evaluate(artifact, optimizer.params, val_data)
+            record.update({f"val_{k}": v for k, v in val.items()})
+        history.append(record)
+        if log:
+            log(format_record(record))
+        if on_epoch:
+            on_epoch(record)
+    return history
+
+
+def format_record(r):
+    parts = [f"epoch {r['epoch']}", f"train loss {r['train_loss']:.5g}"]
+    if "val_loss" in r:
+        parts.append(f"val loss {r['val_loss']:.5g}")
+    if "val_accuracy" in r:
+        parts.append(f"val acc {100 * r['val_accuracy']:.2f}%")
+    parts.append(f"{r['seconds']:.2f} s")
+    return "  ".join(parts)
