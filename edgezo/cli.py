@@ -99,16 +99,16 @@ def write_run(args, inference_path, manifest, params, metrics):
     """params.npy, trained.onnx and metrics.json into the run folder, each written atomically."""
     from .devices.memory import peak_rss_mb
     from .exporters.onnx_graph import write_back
-    from .runtime.files import atomic_write
+    from .runtime.files import save_json, save_npy
     out = Path(args.out)
     metrics = {"artifact": str(Path(args.artifact).resolve()), **metrics, "batch_size": args.batch_size,
                "epochs": args.epochs, "seed": args.seed, "peak_rss_mb": peak_rss_mb(),
-               "torch_imported": "torch" in sys.modules}
+               "torch_imported": sys.modules.get("torch") is not None}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "params.npy", lambda p: np.save(p, params))
+    save_npy(out / "params.npy", params)
     write_back(inference_path, manifest["trainable"], params, out / "trained.onnx",
                {"optimizer": metrics["optimizer"], "settings": metrics.get("settings", {}), "steps": metrics["steps"]})
-    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=1)))
+    save_json(out / "metrics.json", metrics)
     print(f"wrote {out}/params.npy, trained.onnx, metrics.json")
 
 

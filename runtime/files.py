@@ -1,7 +1,10 @@
 """Files that are either whole or absent."""
+import json
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from .errors import EdgezoError
 
@@ -24,3 +27,15 @@ def atomic_write(path, writer):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_npy(path, array):
+    """np.save through atomic_write (np.save given a name would append '.npy' to the temp name)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+    return atomic_write(path, write)
+
+
+def save_json(path, obj):
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))

@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import torch
+
+from edgezo.torch import CoCD
+from test_golden import GOLDEN
+
+
+def test_dropin_follows_the_golden_mlp_trajectory():
+    data = np.load(GOLDEN / "mlp_ring.npz")
+    config = json.loads(str(data["config"]))
+    layers = data["layers"].tolist()
+    modules = []
+    for i, (a, b) in enumerate(zip(layers[:-1], layers[1:])):
+        modules.append(torch.nn.Linear(a, b).double())
+        if i < len(layers) - 2:
+            modules.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*modules)
+    theta = data["theta"]
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(theta[0].copy()), model.parameters())
+    opt = CoCD(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], eps=config["eps"],
+               compute_budget=config["budget"], memory_budget=config["memory"], momentum=config["gamma"])
+    assert opt.buffer.dtype == torch.float64
+    for t in range(config["steps"]):
+        X, Y = torch.from_numpy(data["X"][t]), torch.from_numpy(data["Y"][t])
+        opt.step(lambda: torch.nn.functional.mse_loss(model(X), Y))
+        flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+        for ours, golden in ((flat, theta[t + 1]), (opt.buffer.numpy(), data["buffer"][t])):
+            assert np.max(np.abs(ours - golden)) <= 1e-8 * (1 + np.max(np.abs(golden))), f"step {t}"
+
+
+def test_dropin_state_dict_and_reset():
+    model = torch.nn.Linear(4, 2)
+    opt = CoCD(model.parameters(), lr=0.01, eps=0.1, compute_budget=3, init_grad=0.5)
+    assert torch.all(opt.buffer == 0.5)
+    x = torch.randn(8, 4)
+    opt.step(lambda: model(x).pow(2).mean())
+    state = opt.state_dict()
+    opt2 = CoCD(model.parameters(), lr=0.01, eps=0.1, compute_budget=3)
+    opt2.load_state_dict(state)
+    assert torch.equal(opt2.buffer, opt.buffer) and opt2.core.refreshed == 3
+    opt2.reset()
+    assert opt2.core.refreshed == 0 and torch.all(opt2.buffer == 0)
+
+
+def test_probe_restores_weights_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = CoCD(model.parameters(), lr=0.0, eps=0.1, compute_budget=4)
+    x = torch.randn(5, 3)
+    for _ in range(10):
+        opt.step(lambda: model(x).sum())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
