@@ -217,7 +217,7 @@ def build_parser():
 
     p = sub.add_parser("demo", help="robot-arm inverse dynamics: CoCD and BCCD via onnxruntime vs torch SGD")
     p.add_argument("--out", default="runs/demo", help="folder for results (replaced if it exists)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--sarcos", help="a sarcos_inv.mat to use instead of the built-in arm model")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -65,10 +65,10 @@ def make_data(out, sarcos=None, n=10000):
     return source, len(tr), len(va)
 
 
-METHODS = {  # name: edgezo arguments (the paper's SARCOS settings, eps scaled to standardized data)
-    "cocd": ["train", "--optimizer", "cocd", "--lr", "1e-3", "--eps", "1e-2", "--budget", "64",
+METHODS = {  # name: edgezo arguments (the paper's SARCOS B and gamma; lr and eps tuned for standardized data)
+    "cocd": ["train", "--optimizer", "cocd", "--lr", "3e-3", "--eps", "0.1", "--budget", "64",
              "--gamma", "1.0", "--weight-decay", "1e-4"],
-    "bccd": ["train", "--optimizer", "bccd", "--lr", "1e-3", "--eps", "1e-2", "--budget", "64",
+    "bccd": ["train", "--optimizer", "bccd", "--lr", "3e-3", "--eps", "0.1", "--budget", "64",
              "--weight-decay", "1e-4"],
     "torch-sgd": ["train-torch", "--optimizer", "momentum", "--lr", "1e-2", "--weight-decay", "1e-4"],
 }
