@@ -72,26 +72,83 @@ def load_train_val(args, artifact):
     return train, None
 
 
+RUN_CONFIG = "config.json"
+PATH_ARGS = ("artifact", "data", "val_data")
+
+
+def resume_args(args):
+    """The saved arguments of the run folder given to --resume (paths absolute), with --resume kept."""
+    run = Path(args.resume)
+    check(run.is_dir(), f"--resume {run}: not a run folder")
+    try:
+        saved = json.loads((run / RUN_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgezoError(f"--resume {run}: cannot read {RUN_CONFIG} ({type(e).__name__})") from None
+    check((run / "metrics.json").exists() is False, f"--resume {run}: this run already finished")
+    if args.artifact is not None:
+        from .runtime.checkpoint import fingerprint
+        check(fingerprint(args.artifact) == saved["fingerprint"],
+              f"--resume {run}: its checkpoint belongs to another artifact than {args.artifact}")
+    return argparse.Namespace(**{**saved, "resume": str(run), "out": str(run)})
+
+
 def cmd_train(args):
-    from .runtime import load_artifact
-    from .runtime.train import fit
-    out = prepare_out(args.out)
+    from .runtime import checkpoint, load_artifact
+    from .runtime.data import num_rows
+    from .runtime.files import save_json
+    from .runtime.train import DivergenceGuard, fit
+    if args.resume:
+        args = resume_args(args)
+    else:
+        check(args.artifact is not None and args.data is not None and args.out is not None,
+              "train needs ARTIFACT, --data and --out (or --resume RUN_DIR)")
+        prepare_out(args.out)
+        for key in PATH_ARGS:
+            if getattr(args, key):
+                setattr(args, key, str(Path(getattr(args, key)).resolve()))
     check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
-    artifact = load_artifact(args.artifact, device=args.device)
+    check(args.checkpoint_every is None or args.checkpoint_every >= 1,
+          f"--checkpoint-every must be >= 1 steps, got {args.checkpoint_every}")
+    artifact = load_artifact(args.artifact, device=args.device, threads=args.threads)
     params = artifact.initial_params()
     opt = make_optimizer(args, params)
+    guard = DivergenceGuard(args.divergence_factor, args.on_divergence, log=lambda line: print(line, flush=True))
     train, val = load_train_val(args, artifact)
-    from .runtime.data import num_rows
     n_rows = num_rows(train)
     check(1 <= args.batch_size <= n_rows, f"--batch-size must be in [1, {n_rows}] (the number of training rows), "
                                           f"got {args.batch_size}")
+    out = Path(args.out)
+    position, history = (0, 0), []
+    if args.resume:
+        saved_params, state, info = checkpoint.load(out)
+        check(saved_params.shape == params.shape and info["fingerprint"] == args.fingerprint,
+              f"--resume {out}: {checkpoint.NAME} does not belong to this run's artifact")
+        params[:] = saved_params
+        opt.load_state_dict(state)
+        position, history = tuple(info["position"]), info["history"]
+        print(f"resuming at epoch {position[0] + 1}, batch {position[1]} (step {opt.steps})", flush=True)
+    else:
+        from .runtime.checkpoint import fingerprint
+        args.fingerprint = fingerprint(args.artifact)
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(out / RUN_CONFIG, {k: v for k, v in vars(args).items() if k not in ("func", "resume")})
+    per_epoch = (n_rows + args.batch_size - 1) // args.batch_size
+
+    def on_step(epoch, b, result):
+        if args.checkpoint_every and opt.steps % args.checkpoint_every == 0 and not result.diverged:
+            nxt = (epoch, b + 1) if b + 1 < per_epoch else (epoch + 1, 0)
+            checkpoint.save(out, params, opt.state_dict(),
+                            {"position": nxt, "history": history, "fingerprint": args.fingerprint})
+
     print(f"training {artifact.num_params} params on {n_rows} rows with {args.optimizer} "
           f"(B={opt.budget}, m={opt.memory}) on {artifact.device}", flush=True)
     start = time.perf_counter()
-    history = fit(artifact, opt, train, args.batch_size, args.epochs, seed=args.seed, val_data=val,
-                  log=lambda line: print(line, flush=True))
+    fit(artifact, opt, train, args.batch_size, args.epochs, seed=args.seed, val_data=val,
+        log=lambda line: print(line, flush=True), start_epoch=position[0], start_batch=position[1],
+        on_step=on_step, on_epoch=history.append, guard=guard)
     metrics = {"optimizer": args.optimizer, "settings": optimizer_settings(opt), "steps": opt.steps,
-               "device": artifact.device, "seconds": time.perf_counter() - start, "history": history}
+               "device": artifact.device, "seconds": time.perf_counter() - start, "history": history,
+               "divergence_events": guard.events, "resumed": bool(args.resume)}
     write_run(args, artifact.file("inference"), artifact.manifest, params, metrics)
 
 
@@ -182,13 +239,21 @@ def build_parser():
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="train an artifact forward-only (no torch)")
-    p.add_argument("artifact", help="artifact folder (from edgezo export)")
-    p.add_argument("--data", required=True, help=".npz/.npy/.csv/.mat/IDX/CIFAR-10 training data")
+    p.add_argument("artifact", nargs="?", help="artifact folder (from edgezo export)")
+    p.add_argument("--data", help=".npz/.npy/.csv/.mat/IDX/CIFAR-10 training data")
     p.add_argument("--val-data", help="validation data, same formats")
     p.add_argument("--val-fraction", type=float, help="hold out this fraction of --data for validation")
     p.add_argument("--target-columns", type=int, help="for .csv data: how many last columns are targets")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", required=True, help="run folder to create (metrics.json, params.npy, trained.onnx)")
+    p.add_argument("--out", help="run folder to create (metrics.json, params.npy, trained.onnx)")
+    p.add_argument("--checkpoint-every", type=int, help="write RUN/checkpoint.npz atomically every N steps")
+    p.add_argument("--resume", help="continue the run in this folder from its checkpoint, bit-identically")
+    p.add_argument("--divergence-factor", type=float, default=1e3,
+                   help="a mean probe loss above this times the best so far counts as divergence")
+    p.add_argument("--on-divergence", choices=("stop", "rollback", "halve-lr"), default="rollback",
+                   help="what to do on a non-finite or diverging loss (default: roll back to the last good state)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="onnxruntime threads (fixed, so results do not depend on the machine's load)")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -229,6 +294,9 @@ def main(argv=None):
         args.func(args)
     except EdgezoError as e:
         print(f"edgezo: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk full or a file limit while writing: one line, no traceback
+        print(f"edgezo: error: {e.strerror or e} ({getattr(e, 'filename', '') or 'while writing'})", file=sys.stderr)
         return 2
     return 0
 

@@ -19,6 +19,57 @@ class StepResult:
     step: int
     loss: float          # mean of the probe's losses: f(x) up to O(eps^2) for central probes
     seconds: float
+    diverged: bool = False
+
+
+class DivergenceError(EdgezoError):
+    """Training diverged and the guard's action is 'stop' (or it kept diverging)."""
+
+
+class DivergenceGuard:
+    """Catches a non-finite loss, or a mean probe loss above `factor` x the best so far.
+
+    Before each update the optimizer state that produced finite, sane losses is kept; on divergence
+    it is restored ('rollback'), restored with the learning rate halved ('halve-lr'), or training
+    stops ('stop'). `max_strikes` divergences in a row stop training in any case.
+    """
+    ACTIONS = ("stop", "rollback", "halve-lr")
+
+    def __init__(self, factor=1e3, action="rollback", log=print, max_strikes=10):
+        if action not in self.ACTIONS:
+            raise EdgezoError(f"--on-divergence must be one of {list(self.ACTIONS)}, got {action!r}")
+        if not (factor is None or factor > 1):
+            raise EdgezoError(f"--divergence-factor must be > 1, got {factor}")
+        self.factor, self.action, self.log, self.max_strikes = factor, action, log, max_strikes
+        self.best, self.strikes, self.snapshot, self.events = np.inf, 0, None, 0
+
+    def diverged(self, losses):
+        if not np.all(np.isfinite(losses)):
+            return "a non-finite loss"
+        mean = float(np.mean(losses))
+        if self.factor is not None and np.isfinite(self.best) and mean > self.factor * max(self.best, 1e-12):
+            return f"loss {mean:.4g} > {self.factor:g} x best {self.best:.4g}"
+        return None
+
+    def remember(self, optimizer, losses):
+        self.best = min(self.best, float(np.mean(losses)))
+        self.strikes = 0
+        self.snapshot = (optimizer.params.copy(), optimizer.state_dict())
+
+    def handle(self, optimizer, reason):
+        self.strikes += 1
+        self.events += 1
+        if self.action == "stop" or self.snapshot is None or self.strikes > self.max_strikes:
+            raise DivergenceError(f"training diverged at step {optimizer.steps + 1}: {reason}; stopped")
+        params, state = self.snapshot
+        optimizer.params[:] = params
+        optimizer.load_state_dict(state)
+        note = "rolled back to the last good state"
+        if self.action == "halve-lr":
+            optimizer.lr /= 2
+            note += f", lr halved to {optimizer.lr:.3g}"
+        if self.log:
+            self.log(f"divergence at step {optimizer.steps + 1} ({reason}): {note}")
 
 
 def split_batch(artifact, batch):
@@ -29,8 +80,8 @@ def split_batch(artifact, batch):
     return inputs, targets
 
 
-def steps(artifact, optimizer, batches):
-    """Train on each batch in turn; yields a StepResult after each optimizer step."""
+def steps(artifact, optimizer, batches, guard=None):
+    """Train on each batch in turn; yields a StepResult after each batch (diverged=True if skipped)."""
     for batch in batches:
         inputs, targets = split_batch(artifact, batch)
         start = time.perf_counter()
@@ -40,6 +91,14 @@ def steps(artifact, optimizer, batches):
         except BaseException:
             optimizer.discard()
             raise
+        reason = guard.diverged(losses) if guard else None
+        if reason:
+            optimizer.discard()
+            guard.handle(optimizer, reason)
+            yield StepResult(optimizer.steps, float("nan"), time.perf_counter() - start, diverged=True)
+            continue
+        if guard:
+            guard.remember(optimizer, losses)
         optimizer.tell(losses)
         yield StepResult(optimizer.steps, float(np.mean(losses)), time.perf_counter() - start)
 
@@ -84,7 +143,7 @@ class Progress:
 
 
 def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=None, on_epoch=None,
-        log=print, progress=None, start_epoch=0, start_batch=0, on_step=None):
+        log=print, progress=None, start_epoch=0, start_batch=0, on_step=None, guard=None):
     """Epochs of training over `train_data` (a dict of arrays); returns the per-epoch history.
 
     Row order per epoch is `data.epoch_order(n, seed, epoch)`, so a run can resume at
@@ -102,10 +161,11 @@ def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=No
         first = start_batch if epoch == start_epoch else 0
         losses, seconds = [], 0.0
         batch_iter = data_mod.batches(train_data, batch_size, order, first)
-        for b, result in enumerate(steps(artifact, optimizer, batch_iter), start=first):
-            losses.append(result.loss)
+        for b, result in enumerate(steps(artifact, optimizer, batch_iter, guard), start=first):
+            if not result.diverged:
+                losses.append(result.loss)
             seconds += result.seconds
-            bar.update(b + 1, float(np.mean(losses[-20:])))
+            bar.update(b + 1, float(np.mean(losses[-20:])) if losses else float("nan"))
             if on_step:
                 on_step(epoch, b, result)
         record = {"epoch": epoch + 1, "steps": optimizer.steps, "train_loss": float(np.mean(losses)) if losses
