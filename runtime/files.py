@@ -23,6 +23,9 @@ def atomic_write(path, writer):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        reason = e.strerror or f"short write, {e} (disk full or file size limit?)"
+        raise EdgezoError(f"cannot write {path}: {reason}; nothing was written there") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

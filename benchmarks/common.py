@@ -1,0 +1,27 @@
+"""Shared by the benchmarks: result folder, built-in artifacts (exported once, in a subprocess so the
+benchmark process itself never imports torch), JSON output."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT / ".." / "shared"
+
+
+def builtin_artifact(model):
+    path = RESULTS / "artifacts" / model
+    if not (path / "manifest.json").exists():
+        print(f"exporting {model} to {path} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "edgezo.cli", "export", "--model", model, "--out", str(path)],
+                       check=True)
+    return path
+
+
+def write_json(name, result):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
