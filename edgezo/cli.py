@@ -207,6 +207,44 @@ def cmd_eval(args):
     print(json.dumps(result))
 
 
+def cmd_export_onnx(args):
+    from .exporters.onnx_import import export_onnx, list_tensors, load_model
+    if args.list:
+        print(f"{'name':<40} {'shape':<20} {'dtype':<8} {'size':>10}")
+        for t in list_tensors(load_model(args.model)):
+            print(f"{t['name']:<40} {str(t['shape']):<20} {t['dtype']:<8} {t['size']:>10}")
+        return
+    check(args.out is not None and args.loss is not None, "export-onnx needs --loss and --out (or --list)")
+    prepare_out(args.out)
+    path = export_onnx(args.model, args.out, args.loss, trainable=args.trainable, last_layers=args.last_layers,
+                       output=args.output)
+    from .runtime.manifest import read
+    manifest = read(Path(path) / "manifest.json")
+    print(f"exported {args.model}: {manifest['num_params']} trainable params in "
+          f"{len(manifest['trainable'])} tensors ({', '.join(t['name'] for t in manifest['trainable'])}) to {path}")
+
+
+def cmd_write_back(args):
+    from .exporters.onnx_graph import write_back
+    from .runtime.manifest import read
+    artifact = Path(args.artifact)
+    manifest = read(artifact / "manifest.json")
+    try:
+        params = np.load(args.params, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise EdgezoError(f"PARAMS {args.params}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+    check(params.dtype == np.float32 and params.shape == (manifest["num_params"],),
+          f"PARAMS {args.params}: holds {params.dtype} {params.shape}, the artifact wants float32 "
+          f"({manifest['num_params']},)")
+    metadata = {}
+    metrics_path = Path(args.params).with_name("metrics.json")
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        metadata = {k: metrics[k] for k in ("optimizer", "settings", "steps") if k in metrics}
+    write_back(artifact / manifest["files"]["inference"], manifest["trainable"], params, args.out, metadata)
+    print(f"wrote {args.out} (the inference model with the trained values)")
+
+
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(args)
@@ -237,6 +275,23 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="weight initialization seed")
     p.add_argument("--pte", action="store_true", help="also write model.pte (ExecuTorch)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("export-onnx", help="make an artifact from an ONNX inference model (no torch)")
+    p.add_argument("model", help="the deployed model, an .onnx file")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--trainable", nargs="+", metavar="PATTERN", help="glob patterns of initializers to train")
+    group.add_argument("--last-layers", type=int, metavar="K", help="train the last K Gemm/MatMul/Conv layers")
+    p.add_argument("--loss", choices=("mse", "cross_entropy"))
+    p.add_argument("--output", help="which model output the loss uses (default: the first)")
+    p.add_argument("--list", action="store_true", help="print the model's tensors (name, shape, dtype, size)")
+    p.add_argument("--out", help="artifact folder to create")
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("write-back", help="the artifact's inference model with trained values, as a plain ONNX file")
+    p.add_argument("artifact")
+    p.add_argument("params", help="trained params.npy (metadata is taken from metrics.json beside it)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_write_back)
 
     p = sub.add_parser("train", help="train an artifact forward-only (no torch)")
     p.add_argument("artifact", nargs="?", help="artifact folder (from edgezo export)")
