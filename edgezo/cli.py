@@ -55,7 +55,7 @@ def cmd_export(args):
     from .exporters.models import builtin
     from .exporters.torch_export import export_module
     prepare_out(args.out)
-    model, x, y, loss = builtin(args.model, seed=args.seed)
+    model, x, y, loss = builtin(args.model, seed=args.seed, batch=args.batch_size)
     formats = ("onnx", "pte") if args.pte else ("onnx",)
     path = export_module(model, x, y, loss, args.out, formats=formats)
     from .runtime.manifest import read
@@ -109,7 +109,7 @@ def cmd_train(args):
     check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     check(args.checkpoint_every is None or args.checkpoint_every >= 1,
           f"--checkpoint-every must be >= 1 steps, got {args.checkpoint_every}")
-    artifact = load_artifact(args.artifact, device=args.device, threads=args.threads)
+    artifact = load_artifact(args.artifact, device=args.device, threads=args.threads, backend=args.backend)
     params = artifact.initial_params()
     opt = make_optimizer(args, params)
     guard = DivergenceGuard(args.divergence_factor, args.on_divergence, log=lambda line: print(line, flush=True))
@@ -132,7 +132,8 @@ def cmd_train(args):
         args.fingerprint = fingerprint(args.artifact)
         out.mkdir(parents=True, exist_ok=True)
         save_json(out / RUN_CONFIG, {k: v for k, v in vars(args).items() if k not in ("func", "resume")})
-    per_epoch = (n_rows + args.batch_size - 1) // args.batch_size
+    from .runtime.data import batches_per_epoch
+    per_epoch = batches_per_epoch(n_rows, args.batch_size, drop_last=artifact.fixed_batch is not None)
 
     def on_step(epoch, b, result):
         if args.checkpoint_every and opt.steps % args.checkpoint_every == 0 and not result.diverged:
@@ -141,14 +142,14 @@ def cmd_train(args):
                             {"position": nxt, "history": history, "fingerprint": args.fingerprint})
 
     print(f"training {artifact.num_params} params on {n_rows} rows with {args.optimizer} "
-          f"(B={opt.budget}, m={opt.memory}) on {artifact.device}", flush=True)
+          f"(B={opt.budget}, m={opt.memory}) on {artifact.device} via {artifact.backend}", flush=True)
     start = time.perf_counter()
     fit(artifact, opt, train, args.batch_size, args.epochs, seed=args.seed, val_data=val,
         log=lambda line: print(line, flush=True), start_epoch=position[0], start_batch=position[1],
         on_step=on_step, on_epoch=history.append, guard=guard)
     metrics = {"optimizer": args.optimizer, "settings": optimizer_settings(opt), "steps": opt.steps,
                "device": artifact.device, "seconds": time.perf_counter() - start, "history": history,
-               "divergence_events": guard.events, "resumed": bool(args.resume)}
+               "divergence_events": guard.events, "resumed": bool(args.resume), "backend": artifact.backend}
     write_run(args, artifact.file("inference"), artifact.manifest, params, metrics)
 
 
@@ -274,6 +275,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="artifact folder to create")
     p.add_argument("--seed", type=int, default=0, help="weight initialization seed")
     p.add_argument("--pte", action="store_true", help="also write model.pte (ExecuTorch)")
+    p.add_argument("--batch-size", type=int, default=64, help="example batch; the fixed batch of model.pte")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("export-onnx", help="make an artifact from an ONNX inference model (no torch)")
@@ -307,6 +309,8 @@ def build_parser():
                    help="a mean probe loss above this times the best so far counts as divergence")
     p.add_argument("--on-divergence", choices=("stop", "rollback", "halve-lr"), default="rollback",
                    help="what to do on a non-finite or diverging loss (default: roll back to the last good state)")
+    p.add_argument("--backend", choices=("onnxruntime", "executorch"), default="onnxruntime",
+                   help="onnxruntime (loss.onnx, torch-free) or executorch (model.pte; its runtime needs torch)")
     p.add_argument("--threads", type=int, default=2,
                    help="onnxruntime threads (fixed, so results do not depend on the machine's load)")
     add_train_flags(p)

@@ -104,11 +104,13 @@ def check_model(model, what):
         raise EdgezoError(f"{what} is not a valid ONNX model: {first}") from None
 
 
-def build_manifest(*, trainable, frozen, inputs, targets, outputs, loss, files, source):
+def build_manifest(*, trainable, frozen, inputs, targets, outputs, loss, files, source, pte_batch=None):
     manifest = {"format_version": FORMAT_VERSION, "num_params": sum(e["size"] for e in trainable),
                 "params_input": PARAMS_INPUT, "trainable": trainable, "frozen": frozen, "inputs": inputs,
                 "targets": targets, "outputs": outputs, "loss": loss, "files": files, "opset": OPSET,
                 "source": dict(source, edgezo_version=edgezo_version())}
+    if pte_batch is not None:
+        manifest["pte_batch"] = pte_batch  # an ExecuTorch program has a fixed batch size
     return validate(manifest, "manifest (being written)")
 
 

@@ -98,6 +98,7 @@ def export_module(model, example_inputs, example_targets, loss, out_dir, trainab
               "num_classes": int(out.shape[-1]) if kind == "cross_entropy" else None},
         files={"loss": "loss.onnx", "inference": "inference.onnx", "params": "params.npy",
                "reference": "reference.pt2", **({"pte": "model.pte"} if "pte" in formats else {})},
+        pte_batch=int(inputs[0].shape[0]) if "pte" in formats else None,
         source={"kind": "torch", "model": type(model).__name__})
 
     def save_reference(path):

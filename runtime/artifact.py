@@ -76,6 +76,9 @@ class Artifact:
                 feed[spec["name"]] = np.ascontiguousarray(value, dtype=NP_DTYPES[spec["dtype"]])
         return feed
 
+    fixed_batch = None  # onnxruntime graphs take any batch size
+    backend = "onnxruntime"
+
     def _run(self, params, feed, outputs=("loss",)):
         feed[self.manifest["params_input"]] = np.ascontiguousarray(params, dtype=np.float32)
         return self.session.run(list(outputs), feed)
@@ -113,6 +116,9 @@ class Artifact:
 
 def load_artifact(path, device="auto", backend="onnxruntime", threads=None):
     """Open an artifact folder for training. `device`: auto|cpu|cuda."""
+    if backend == "executorch":  # ExecuTorch's Python runtime loads torch's libraries: kept out of runtime/
+        from ..executorch_backend import ExecutorchArtifact
+        return ExecutorchArtifact(path, device=device, threads=threads)
     if backend != "onnxruntime":
-        raise EdgezoError(f"backend must be 'onnxruntime', got {backend!r}")
+        raise EdgezoError(f"--backend must be 'onnxruntime' or 'executorch', got {backend!r}")
     return Artifact(path, device=device, threads=threads)

@@ -182,10 +182,14 @@ def epoch_order(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batches(data, batch_size, order, start=0):
-    """Minibatches of `data` in `order` (the last one may be smaller), from batch number `start`."""
+def batches_per_epoch(n, batch_size, drop_last=False):
+    return n // batch_size if drop_last else (n + batch_size - 1) // batch_size
+
+
+def batches(data, batch_size, order, start=0, drop_last=False):
+    """Minibatches of `data` in `order` from batch number `start`; the last may be smaller unless dropped."""
     n = len(order)
     check(isinstance(batch_size, int) and 1 <= batch_size <= n,
           f"--batch-size must be in [1, {n}] (the number of training rows), got {batch_size}")
-    for b in range(start, (n + batch_size - 1) // batch_size):
+    for b in range(start, batches_per_epoch(n, batch_size, drop_last)):
         yield take(data, order[b * batch_size:(b + 1) * batch_size])

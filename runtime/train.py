@@ -153,14 +153,17 @@ def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=No
     n = data_mod.num_rows(train_data)
     if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
         raise EdgezoError(f"--batch-size must be in [1, {n}] (the number of training rows), got {batch_size}")
-    per_epoch = (n + batch_size - 1) // batch_size
+    fixed = getattr(artifact, "fixed_batch", None)
+    if fixed is not None and batch_size != fixed:
+        raise EdgezoError(f"--batch-size must be {fixed} for this {artifact.backend} program, got {batch_size}")
+    per_epoch = data_mod.batches_per_epoch(n, batch_size, drop_last=fixed is not None)
     history = []
     for epoch in range(start_epoch, epochs):
         order = data_mod.epoch_order(n, seed, epoch)
         bar = Progress(per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         first = start_batch if epoch == start_epoch else 0
         losses, seconds = [], 0.0
-        batch_iter = data_mod.batches(train_data, batch_size, order, first)
+        batch_iter = data_mod.batches(train_data, batch_size, order, first, drop_last=fixed is not None)
         for b, result in enumerate(steps(artifact, optimizer, batch_iter, guard), start=first):
             if not result.diverged:
                 losses.append(result.loss)
