@@ -9,7 +9,7 @@ import numpy as np
 
 from .runtime.errors import EdgezoError, check
 
-OPTIMIZERS = ("cocd", "bccd")
+OPTIMIZERS = ("cocd", "bccd", "spsa", "zosgd", "mezo", "cge")
 
 
 def parse_memory(text, n):
@@ -29,6 +29,11 @@ def parse_memory(text, n):
 
 def make_optimizer(args, params):
     from .runtime import optim
+    directional = {"spsa": optim.SPSA, "zosgd": optim.ZOSGD, "mezo": optim.MeZOSGD}
+    if args.optimizer in directional:
+        return directional[args.optimizer](params, lr=args.lr, mu=args.mu, directions=args.directions, seed=args.seed)
+    if args.optimizer == "cge":
+        return optim.CGE(params, lr=args.lr, mu=args.mu, budget=args.budget, weight_decay=args.weight_decay)
     memory = None if args.memory is None else parse_memory(args.memory, params.size)
     gamma = 0.0 if args.optimizer == "bccd" else args.gamma
     return optim.CoCD(params, lr=args.lr, eps=args.eps, budget=args.budget, memory=memory, gamma=gamma,
@@ -37,7 +42,7 @@ def make_optimizer(args, params):
 
 def optimizer_settings(opt):
     state = opt.state_dict()
-    return {k: v for k, v in state.items() if not isinstance(v, np.ndarray) and k not in ("steps", "refreshed")}
+    return {k: v for k, v in state.items() if not isinstance(v, np.ndarray) and k not in ("steps", "refreshed", "rng")}
 
 
 def prepare_out(out):
@@ -142,7 +147,8 @@ def cmd_train(args):
                             {"position": nxt, "history": history, "fingerprint": args.fingerprint})
 
     print(f"training {artifact.num_params} params on {n_rows} rows with {args.optimizer} "
-          f"(B={opt.budget}, m={opt.memory}) on {artifact.device} via {artifact.backend}", flush=True)
+          f"({', '.join(f'{k}={v}' for k, v in optimizer_settings(opt).items() if k != 'type')}) "
+          f"on {artifact.device} via {artifact.backend}", flush=True)
     start = time.perf_counter()
     fit(artifact, opt, train, args.batch_size, args.epochs, seed=args.seed, val_data=val,
         log=lambda line: print(line, flush=True), start_epoch=position[0], start_batch=position[1],
@@ -252,7 +258,11 @@ def cmd_demo(args):
 
 
 def add_train_flags(p):
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="cocd", help="cocd, or bccd (cocd with gamma 0)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="cocd",
+                   help="cocd; bccd (cocd with gamma 0); spsa, zosgd, mezo (direction probes: --directions, --mu); "
+                        "cge (DeepZero coordinate estimate: --budget, --mu)")
+    p.add_argument("--directions", type=int, default=1, help="spsa/zosgd/mezo: directions per step")
+    p.add_argument("--mu", type=float, default=1e-3, help="spsa/zosgd/mezo/cge: smoothing (perturbation size)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--eps", type=float, default=1e-2, help="finite-difference radius")
     p.add_argument("--budget", type=int, default=64, help="B: coordinates refreshed per step (2B evaluations)")

@@ -3,6 +3,7 @@
 `ask()` returns a probe (the points to evaluate); the caller evaluates one loss per probe row, in row
 order, and hands them to `tell(losses)`, which updates `params` in place. See DESIGN.md, "Probes".
 """
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,3 +202,112 @@ def BCCD(params, lr, eps, budget, memory=None, weight_decay=0.0, central=True, i
     """Block cyclic coordinate descent: CoCD without buffer reuse (gamma = 0)."""
     return CoCD(params, lr, eps, budget, memory=memory, gamma=0.0, weight_decay=weight_decay,
                 central=central, init_buffer=init_buffer)
+
+
+class _Directional(AskTell):
+    """Shared by the direction-probe optimizers: fresh seeds per step from a seeded generator."""
+
+    def __init__(self, params, lr, mu, directions, seed, distribution):
+        super().__init__(params, lr)
+        self.mu = _positive("mu", mu)
+        check(isinstance(directions, (int, np.integer)) and directions >= 1,
+              f"directions must be an integer >= 1, got {directions!r}")
+        self.directions, self.distribution = int(directions), distribution
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def _seeds(self):
+        return self.rng.integers(0, 2 ** 63 - 1, self.directions, dtype=np.int64)
+
+    def _central_probe(self):
+        seeds = self._seeds()
+        scales = np.full(self.directions, self.mu)
+        return DirectionProbe(np.concatenate([seeds, seeds]), np.concatenate([scales, -scales]), self.distribution)
+
+    def _apply(self, seeds, coefficients):
+        """params -= lr * sum_k coefficients[k] * z(seeds[k]) / q, regenerating each z from its seed."""
+        for seed, c in zip(seeds, coefficients):
+            self.params -= (self.lr * c / self.directions) * direction(seed, self.params.size, self.distribution,
+                                                                       self.params.dtype)
+
+    def _state(self):
+        return {"lr": self.lr, "mu": self.mu, "directions": self.directions, "rng": json.dumps(self.rng.bit_generator.state)}
+
+    def _load_state(self, state):
+        self.lr, self.mu = float(state["lr"]), float(state["mu"])
+        self.rng.bit_generator.state = json.loads(state["rng"])
+
+
+class SPSA(_Directional):
+    """Simultaneous perturbation: central differences along Rademacher directions."""
+
+    def __init__(self, params, lr, mu=1e-3, directions=1, seed=0):
+        super().__init__(params, lr, mu, directions, seed, "rademacher")
+
+    _make_probe = _Directional._central_probe
+
+    def _update(self, probe, losses):
+        q = self.directions
+        self._apply(probe.seeds[:q], (losses[:q] - losses[q:]) / (2 * self.mu))
+
+
+class MeZOSGD(SPSA):
+    """MeZO-style ZO-SGD: central differences along Gaussian directions regenerated from their seeds;
+    nothing n-sized is kept between ask and tell."""
+
+    def __init__(self, params, lr, mu=1e-3, directions=1, seed=0):
+        _Directional.__init__(self, params, lr, mu, directions, seed, "normal")
+
+
+class ZOSGD(_Directional):
+    """ZO-SGD (Ghadimi and Lan): one-sided differences along q Gaussian directions with smoothing mu,
+    one shared base evaluation. The directions are materialized at ask() and kept until tell()."""
+
+    def __init__(self, params, lr, mu=1e-3, directions=1, seed=0):
+        super().__init__(params, lr, mu, directions, seed, "normal")
+        self._directions = None
+
+    def _make_probe(self):
+        seeds = self._seeds()
+        self._directions = np.stack([direction(s, self.params.size, "normal", self.params.dtype) for s in seeds])
+        return DirectionProbe(np.concatenate([[0], seeds]), np.concatenate([[0.0], np.full(self.directions, self.mu)]),
+                              "normal")
+
+    def _update(self, probe, losses):
+        coefficients = (losses[1:] - losses[0]) / self.mu
+        self.params -= (self.lr / self.directions) * (coefficients.astype(self.params.dtype) @ self._directions)
+        self._directions = None
+
+    def discard(self):
+        super().discard()
+        self._directions = None
+
+
+class CGE(AskTell):
+    """DeepZero's coordinate-wise gradient estimate: one-sided differences on `budget` consecutive
+    coordinates per step (default all n) with one shared base evaluation, then SGD on them."""
+
+    def __init__(self, params, lr, mu=1e-3, budget=None, weight_decay=0.0):
+        super().__init__(params, lr)
+        self.mu = _positive("mu", mu)
+        budget = params.size if budget is None else budget
+        check(isinstance(budget, (int, np.integer)) and 1 <= budget <= params.size,
+              f"budget must be an integer in [1, n={params.size}], got {budget!r}")
+        self.budget, self.weight_decay, self.refreshed = int(budget), _nonnegative("weight_decay", weight_decay), 0
+
+    def _make_probe(self):
+        coords = (self.refreshed + np.arange(self.budget, dtype=np.int64)) % self.params.size
+        delta = np.concatenate([[0], np.full(self.budget, self.mu)]).astype(self.params.dtype)
+        return CoordinateProbe(np.concatenate([[0], coords]), delta)
+
+    def _update(self, probe, losses):
+        coords = probe.index[1:]
+        grad = (losses[1:] - losses[0]) / self.mu
+        x = self.params
+        x[coords] = x[coords] * (1 - self.lr * self.weight_decay) - self.lr * grad
+        self.refreshed += self.budget
+
+    def _state(self):
+        return {"lr": self.lr, "mu": self.mu, "budget": self.budget, "refreshed": self.refreshed}
+
+    def _load_state(self, state):
+        self.lr, self.mu, self.refreshed = float(state["lr"]), float(state["mu"]), int(state["refreshed"])
