@@ -55,3 +55,16 @@ def test_wrong_batch_and_wrong_program(pte_artifact, tmp_path, sarcos_npz):
     shutil.copy(other / "model.pte", broken / "model.pte")
     with pytest.raises(EdgezoError, match="a program of another model"):
         load_artifact(broken, backend="executorch")
+
+
+def test_truncated_pte_is_a_clear_error(pte_artifact, tmp_path):
+    broken = tmp_path / "truncated"
+    shutil.copytree(pte_artifact, broken)
+    data = (broken / "model.pte").read_bytes()
+    (broken / "model.pte").write_bytes(data[:len(data) // 3])
+    proc = run_cli("train", broken, "--backend", "executorch", "--data", broken / "params.npy", "--out",
+                   tmp_path / "run")
+    assert proc.returncode == 2 and "ExecuTorch cannot load it" in proc.stderr, proc.stderr
+    # ExecuTorch's own import prints library-loading notices to stderr; edgezo's error is one line
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("edgezo:")]) == 1
+    assert not (tmp_path / "run").exists()
