@@ -203,10 +203,8 @@ def cmd_eval(args):
     from .runtime.data import load_data
     from .runtime.train import evaluate
     artifact = load_artifact(args.artifact, device=args.device)
-    try:
-        params = np.load(args.params, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise EdgezoError(f"--params {args.params}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+    from .runtime.files import load_npy
+    params = load_npy(args.params, "--params ")
     check(params.dtype == np.float32 and params.shape == (artifact.num_params,),
           f"--params {args.params}: holds {params.dtype} {params.shape}, the artifact wants float32 "
           f"({artifact.num_params},)")
@@ -236,10 +234,8 @@ def cmd_write_back(args):
     from .runtime.manifest import read
     artifact = Path(args.artifact)
     manifest = read(artifact / "manifest.json")
-    try:
-        params = np.load(args.params, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise EdgezoError(f"PARAMS {args.params}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+    from .runtime.files import load_npy
+    params = load_npy(args.params, "PARAMS ")
     check(params.dtype == np.float32 and params.shape == (manifest["num_params"],),
           f"PARAMS {args.params}: holds {params.dtype} {params.shape}, the artifact wants float32 "
           f"({manifest['num_params']},)")

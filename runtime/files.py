@@ -42,3 +42,11 @@ def save_npy(path, array):
 
 def save_json(path, obj):
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def load_npy(path, label):
+    """np.load without pickle; an unreadable file is an EdgezoError naming `label` and the path."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise EdgezoError(f"{label}{path}: not a readable .npy file ({str(e).splitlines()[0]})") from None
