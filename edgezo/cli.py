@@ -46,14 +46,8 @@ def optimizer_settings(opt):
 
 
 def prepare_out(out):
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise EdgezoError(f"--out {out} exists and is not an empty folder; choose a new one")
-    for parent in out.parents:
-        if parent.exists():
-            check(parent.is_dir(), f"--out {out}: cannot create it, {parent} is a file")
-            break
-    return out
+    from .runtime.files import check_new_folder
+    return check_new_folder(out)
 
 
 def cmd_export(args):
@@ -67,11 +61,11 @@ def cmd_export(args):
     print(f"exported {args.model} ({read(Path(path) / 'manifest.json')['num_params']} trainable params) to {path}")
 
 
-def load_train_val(args, artifact):
+def load_train_val(args, manifest):
     from .runtime import data
-    train = data.load_data(args.data, artifact.manifest, args.target_columns)
+    train = data.load_data(args.data, manifest, args.target_columns)
     if args.val_data:
-        return train, data.load_data(args.val_data, artifact.manifest, args.target_columns)
+        return train, data.load_data(args.val_data, manifest, args.target_columns)
     if args.val_fraction:
         return data.split(train, args.val_fraction, args.seed)
     return train, None
@@ -99,7 +93,7 @@ def resume_args(args):
 
 def cmd_train(args):
     from .runtime import checkpoint, load_artifact
-    from .runtime.data import num_rows
+    from .runtime.data import check_batch_size, num_rows
     from .runtime.files import save_json
     from .runtime.train import DivergenceGuard, fit
     if args.resume:
@@ -118,10 +112,9 @@ def cmd_train(args):
     params = artifact.initial_params()
     opt = make_optimizer(args, params)
     guard = DivergenceGuard(args.divergence_factor, args.on_divergence, log=lambda line: print(line, flush=True))
-    train, val = load_train_val(args, artifact)
+    train, val = load_train_val(args, artifact.manifest)
     n_rows = num_rows(train)
-    check(1 <= args.batch_size <= n_rows, f"--batch-size must be in [1, {n_rows}] (the number of training rows), "
-                                          f"got {args.batch_size}")
+    check_batch_size(args.batch_size, n_rows)
     out = Path(args.out)
     position, history = (0, 0), []
     if args.resume:
@@ -178,15 +171,11 @@ def write_run(args, inference_path, manifest, params, metrics):
 
 def cmd_train_torch(args):
     from .reference import fit_torch
-    from .runtime import data
     from .runtime.manifest import read
-    out = prepare_out(args.out)
+    prepare_out(args.out)
     check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     manifest = read(Path(args.artifact) / "manifest.json")
-    train = data.load_data(args.data, manifest, args.target_columns)
-    val = data.load_data(args.val_data, manifest, args.target_columns) if args.val_data else None
-    if val is None and args.val_fraction:
-        train, val = data.split(train, args.val_fraction, args.seed)
+    train, val = load_train_val(args, manifest)
     print(f"training {manifest['num_params']} params with torch {args.optimizer} (backprop)", flush=True)
     start = time.perf_counter()
     history, params = fit_torch(args.artifact, args.optimizer, train, args.batch_size, args.epochs, args.lr,
@@ -203,11 +192,8 @@ def cmd_eval(args):
     from .runtime.data import load_data
     from .runtime.train import evaluate
     artifact = load_artifact(args.artifact, device=args.device)
-    from .runtime.files import load_npy
-    params = load_npy(args.params, "--params ")
-    check(params.dtype == np.float32 and params.shape == (artifact.num_params,),
-          f"--params {args.params}: holds {params.dtype} {params.shape}, the artifact wants float32 "
-          f"({artifact.num_params},)")
+    from .runtime.files import load_params
+    params = load_params(args.params, artifact.num_params, "--params ")
     result = evaluate(artifact, params, load_data(args.data, artifact.manifest, args.target_columns))
     print(json.dumps(result))
 
@@ -234,11 +220,8 @@ def cmd_write_back(args):
     from .runtime.manifest import read
     artifact = Path(args.artifact)
     manifest = read(artifact / "manifest.json")
-    from .runtime.files import load_npy
-    params = load_npy(args.params, "PARAMS ")
-    check(params.dtype == np.float32 and params.shape == (manifest["num_params"],),
-          f"PARAMS {args.params}: holds {params.dtype} {params.shape}, the artifact wants float32 "
-          f"({manifest['num_params']},)")
+    from .runtime.files import load_params
+    params = load_params(args.params, manifest["num_params"], "PARAMS ")
     metadata = {}
     metrics_path = Path(args.params).with_name("metrics.json")
     if metrics_path.exists():

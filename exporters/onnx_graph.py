@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..runtime.errors import EdgezoError
-from ..runtime.files import atomic_write
+from ..runtime.files import atomic_write, check_new_folder
 from ..runtime.manifest import FORMAT_VERSION, validate
 
 PARAMS_INPUT = "params"
@@ -120,14 +120,9 @@ def write_artifact(out_dir, manifest, params, models, extra_files=()):
     Everything goes to a temporary sibling folder first, then is renamed into place: an error leaves
     no half-written artifact. `extra_files` are (name, writer(path)) pairs written into the same folder.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise EdgezoError(f"--out {out_dir} exists and is not empty; choose a new folder")
+    out_dir = check_new_folder(out_dir)
     parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise EdgezoError(f"--out {out_dir}: cannot create its parent folder (a file is in the way)") from None
+    parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
     try:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

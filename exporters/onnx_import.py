@@ -63,7 +63,6 @@ def last_layer_tensors(model, k):
 def select_tensors(model, patterns):
     """Initializer names matching any glob pattern, in graph order; every pattern must match."""
     by_name = {t.name: t for t in model.graph.initializer}
-    chosen = []
     for pattern in patterns:
         hits = [n for n in by_name if fnmatch.fnmatchcase(n, pattern)]
         check(hits, f"--trainable {pattern!r} matches no tensor of the model (see --list)")
@@ -71,8 +70,7 @@ def select_tensors(model, patterns):
             check(by_name[name].data_type == TensorProto.FLOAT,
                   f"--trainable {pattern!r}: tensor {name!r} is "
                   f"{TensorProto.DataType.Name(by_name[name].data_type)}, only float32 tensors can be trained")
-    names = [n for n in by_name if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    return names
+    return [n for n in by_name if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def _opset(model):

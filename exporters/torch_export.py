@@ -4,7 +4,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
 from onnx.utils import Extractor

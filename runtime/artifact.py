@@ -6,7 +6,7 @@ import numpy as np
 from ..devices import active_device, make_session
 from . import manifest as manifest_mod
 from .errors import EdgezoError, check
-from .files import load_npy
+from .files import load_params
 from .optim import CoordinateProbe, perturbed
 
 NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32}
@@ -50,11 +50,7 @@ class Artifact:
 
     def initial_params(self):
         path = self.file("params")
-        params = load_npy(path, "")
-        if params.dtype != np.float32 or params.shape != (self.num_params,):
-            raise EdgezoError(f"{path}: holds {params.dtype} {params.shape}, manifest.json wants float32 "
-                              f"({self.num_params},)")
-        return params.copy()
+        return load_params(path, self.num_params, wants="manifest.json").copy()
 
     def feeds(self, inputs, targets=None):
         """Name -> array for the graph, from arrays, tuples or dicts of arrays."""

@@ -186,10 +186,14 @@ def batches_per_epoch(n, batch_size, drop_last=False):
     return n // batch_size if drop_last else (n + batch_size - 1) // batch_size
 
 
+def check_batch_size(batch_size, n):
+    check(isinstance(batch_size, int) and 1 <= batch_size <= n,
+          f"--batch-size must be in [1, {n}] (the number of training rows), got {batch_size}")
+
+
 def batches(data, batch_size, order, start=0, drop_last=False):
     """Minibatches of `data` in `order` from batch number `start`; the last may be smaller unless dropped."""
     n = len(order)
-    check(isinstance(batch_size, int) and 1 <= batch_size <= n,
-          f"--batch-size must be in [1, {n}] (the number of training rows), got {batch_size}")
+    check_batch_size(batch_size, n)
     for b in range(start, batches_per_epoch(n, batch_size, drop_last)):
         yield take(data, order[b * batch_size:(b + 1) * batch_size])

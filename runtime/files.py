@@ -50,3 +50,25 @@ def load_npy(path, label):
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise EdgezoError(f"{label}{path}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+
+
+def load_params(path, n, label="", wants="the artifact"):
+    """A flat float32 parameter vector of n values from an .npy file, or an EdgezoError saying what it holds."""
+    params = load_npy(path, label)
+    if params.dtype != np.float32 or params.shape != (n,):
+        raise EdgezoError(f"{label}{path}: holds {params.dtype} {params.shape}, {wants} wants float32 ({n},)")
+    return params
+
+
+def check_new_folder(out):
+    """`out` may be created as a new folder: absent or empty, and no file in the way of its parents."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EdgezoError(f"--out {out} exists and is not an empty folder (it is not empty or a file); "
+                          "choose a new one")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EdgezoError(f"--out {out}: cannot create it, {parent} is a file")
+            break
+    return out

@@ -151,8 +151,7 @@ def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=No
     called after each step and epoch.
     """
     n = data_mod.num_rows(train_data)
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-        raise EdgezoError(f"--batch-size must be in [1, {n}] (the number of training rows), got {batch_size}")
+    data_mod.check_batch_size(batch_size, n)
     fixed = getattr(artifact, "fixed_batch", None)
     if fixed is not None and batch_size != fixed:
         raise EdgezoError(f"--batch-size must be {fixed} for this {artifact.backend} program, got {batch_size}")

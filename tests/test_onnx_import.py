@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import run_cli
 from edgezo.exporters.onnx_graph import write_back
 from edgezo.exporters.onnx_import import export_onnx
-from edgezo.runtime import EdgezoError, load_artifact
+from edgezo.runtime import load_artifact
 
 RNG = np.random.default_rng(0)
 

@@ -1,6 +1,5 @@
 """Checkpoints survive SIGKILL, resume is bit-identical, runs are deterministic, divergence is caught."""
 import json
-import os
 import shutil
 import signal
 import subprocess
