@@ -108,7 +108,9 @@ def cmd_train(args):
     check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     check(args.checkpoint_every is None or args.checkpoint_every >= 1,
           f"--checkpoint-every must be >= 1 steps, got {args.checkpoint_every}")
-    artifact = load_artifact(args.artifact, device=args.device, threads=args.threads, backend=args.backend)
+    artifact = load_artifact(args.artifact, device=args.device, threads=args.threads, backend=args.backend,
+                             engine=getattr(args, "engine", "auto"),
+                             engine_memory_mb=getattr(args, "engine_memory_mb", 256))
     params = artifact.initial_params()
     opt = make_optimizer(args, params)
     guard = DivergenceGuard(args.divergence_factor, args.on_divergence, log=lambda line: print(line, flush=True))
@@ -142,13 +144,17 @@ def cmd_train(args):
     print(f"training {artifact.num_params} params on {n_rows} rows with {args.optimizer} "
           f"({', '.join(f'{k}={v}' for k, v in optimizer_settings(opt).items() if k != 'type')}) "
           f"on {artifact.device} via {artifact.backend}", flush=True)
+    artifact.fast_engine()
+    if artifact.engine_note:
+        print(artifact.engine_note, flush=True)
     start = time.perf_counter()
     fit(artifact, opt, train, args.batch_size, args.epochs, seed=args.seed, val_data=val,
         log=lambda line: print(line, flush=True), start_epoch=position[0], start_batch=position[1],
         on_step=on_step, on_epoch=history.append, guard=guard)
     metrics = {"optimizer": args.optimizer, "settings": optimizer_settings(opt), "steps": opt.steps,
                "device": artifact.device, "seconds": time.perf_counter() - start, "history": history,
-               "divergence_events": guard.events, "resumed": bool(args.resume), "backend": artifact.backend}
+               "divergence_events": guard.events, "resumed": bool(args.resume), "backend": artifact.backend,
+               "engine": "naive" if artifact.fast_engine() is None else artifact.engine_name}
     write_run(args, artifact.file("inference"), artifact.manifest, params, metrics)
 
 
@@ -300,6 +306,11 @@ def build_parser():
                    help="what to do on a non-finite or diverging loss (default: roll back to the last good state)")
     p.add_argument("--backend", choices=("onnxruntime", "executorch"), default="onnxruntime",
                    help="onnxruntime (loss.onnx, torch-free) or executorch (model.pte; its runtime needs torch)")
+    p.add_argument("--engine", choices=("auto", "batched", "naive"), default="auto",
+                   help="how a probe's losses are evaluated: auto (fastest exact path: prefix reuse and delta "
+                        "propagation), batched (prefix reuse, copies batched), naive (one runtime call per point)")
+    p.add_argument("--engine-memory-mb", type=float, default=256,
+                   help="cap on the engine's extra activation memory per chunk of copies")
     p.add_argument("--threads", type=int, default=2,
                    help="onnxruntime threads (fixed, so results do not depend on the machine's load)")
     add_train_flags(p)

@@ -16,7 +16,7 @@ class ExecutorchArtifact(Artifact):
     backend = "executorch"
 
     def __init__(self, path, device="auto", threads=None):
-        super().__init__(path, device="cpu", threads=threads)
+        super().__init__(path, device="cpu", threads=threads, engine="naive")
         if "pte" not in self.manifest["files"] or not self.file("pte").is_file():
             raise EdgezoError(f"artifact {self.path} has no model.pte; export it with formats=('onnx', 'pte')")
         from executorch.runtime import Runtime

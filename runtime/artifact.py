@@ -9,13 +9,14 @@ from .errors import EdgezoError, check
 from .files import load_params
 from .optim import CoordinateProbe, perturbed
 
+ENGINES = ("auto", "batched", "naive")
 NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32}
 
 
 class Artifact:
     """An exported model: `initial_params()`, `loss(...)`, `losses(...)`, `outputs(...)`."""
 
-    def __init__(self, path, device="auto", threads=None):
+    def __init__(self, path, device="auto", threads=None, engine="auto", engine_memory_mb=256):
         self.path = Path(path)
         check(self.path.is_dir(), f"artifact {self.path} is not a folder")
         self.manifest = manifest_mod.read(self.path / "manifest.json")
@@ -29,6 +30,27 @@ class Artifact:
         self.device = active_device(self.session)
         self._check_graph()
         self.output_names = [o.name for o in self.session.get_outputs()]
+        check(engine in ENGINES, f"--engine must be one of {list(ENGINES)}, got {engine!r}")
+        check(engine_memory_mb > 0, f"--engine-memory-mb must be > 0, got {engine_memory_mb}")
+        self.engine_name, self.engine_memory_mb = engine, engine_memory_mb
+        self._engine, self.engine_note = None, None
+
+    def fast_engine(self):
+        """The chain engine for this graph, or None (with engine_note saying why) where it does not apply."""
+        if self.engine_name == "naive" or self.device != "cpu" or self.engine_note:
+            return None
+        if self._engine is None:
+            from .engine import ChainEngine, Unsupported
+            try:
+                self._engine = ChainEngine.build(self.file("loss"), self.manifest,
+                                                 propagate=self.engine_name == "auto",
+                                                 memory_mb=self.engine_memory_mb)
+            except Unsupported as e:
+                if self.engine_name == "batched":
+                    raise EdgezoError(f"--engine batched does not apply to {self.file('loss')}: {e}") from None
+                self.engine_note = f"fast engine not used ({e}); evaluating one perturbation per call"
+                return None
+        return self._engine
 
     def file(self, key):
         return self.path / self.manifest["files"][key]
@@ -93,9 +115,16 @@ class Artifact:
         return float(loss), out
 
     def losses(self, params, probe, inputs, targets):
-        """One loss per probe row, in row order: one runtime call per row (the naive path)."""
+        """One loss per probe row, in row order, by the fastest exact path (see runtime/engine.py)."""
         self._check_params(params)
         feed = self.feeds(inputs, targets)
+        engine = self.fast_engine() if isinstance(probe, CoordinateProbe) else None
+        if engine is not None:
+            return engine.losses(params, probe, feed, feed)
+        return self.naive_losses(params, probe, feed)
+
+    def naive_losses(self, params, probe, feed):
+        """One runtime call per probe row: the reference every faster path must match."""
         base = np.asarray(params, dtype=np.float32)
         if isinstance(probe, CoordinateProbe):
             x = base.copy()
@@ -108,11 +137,11 @@ class Artifact:
         return np.array([self._run(perturbed(base, probe, p), feed)[0] for p in range(len(probe))])
 
 
-def load_artifact(path, device="auto", backend="onnxruntime", threads=None):
-    """Open an artifact folder for training. `device`: auto|cpu|cuda."""
+def load_artifact(path, device="auto", backend="onnxruntime", threads=None, engine="auto", engine_memory_mb=256):
+    """Open an artifact folder for training. `device`: auto|cpu|cuda; `engine`: auto|batched|naive."""
     if backend == "executorch":  # ExecuTorch's Python runtime loads torch's libraries: kept out of runtime/
         from ..executorch_backend import ExecutorchArtifact
         return ExecutorchArtifact(path, device=device, threads=threads)
     if backend != "onnxruntime":
         raise EdgezoError(f"--backend must be 'onnxruntime' or 'executorch', got {backend!r}")
-    return Artifact(path, device=device, threads=threads)
+    return Artifact(path, device=device, threads=threads, engine=engine, engine_memory_mb=engine_memory_mb)

@@ -1,0 +1,432 @@
+"""The evaluation engine: all losses of a coordinate probe for a fraction of 2B forward passes.
+
+loss.onnx is read once into a chain of numpy layers (Gemm, MatMul, bias Add, Conv, Relu, MaxPool,
+BatchNormalization in inference form, Flatten/Reshape). Per step:
+
+1. prefix reuse: one base forward caches every layer's input activation;
+2. a perturbed weight or bias changes one output unit or channel of its layer (a "block"): it is
+   computed directly (eps times one input column, or one shifted input map);
+3. delta propagation: per-channel ops (Relu, MaxPool, BatchNorm, bias, Flatten) keep the change in
+   that block; the next Gemm/Conv is linear, so its output is the cached base output plus a
+   one-column (one-input-channel) product of the change;
+4. only the rest of the network runs densely on the copies, chunked under a memory cap.
+If the block reaches the model output, the loss follows in O(batch x outputs) per copy.
+
+`propagate=False` skips step 3 (the "batched" level: the perturbed layer's full output goes through
+the rest of the network). Graphs that are not such a chain (residual adds, custom losses) are not
+supported: `ChainEngine.build` raises Unsupported and the caller uses the naive path.
+"""
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .optim import CoordinateProbe
+
+
+class Unsupported(Exception):
+    """The graph or probe is outside what the engine handles; the message says why."""
+
+
+# ---------------------------------------------------------------- numpy ops
+
+
+def conv2d(x, w, b, stride, pads):
+    """x [N,C,H,W], w [O,C,kh,kw], pads (top, left, bottom, right) -> [N,O,H',W'] (groups 1, dilation 1)."""
+    t, l, bt, r = pads
+    if any(pads):
+        x = np.pad(x, ((0, 0), (0, 0), (t, bt), (l, r)))
+    kh, kw = w.shape[2:]
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
+    out = np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3]))  # [N, H', W', O]
+    out = out.transpose(0, 3, 1, 2)
+    if b is not None:
+        out = out + b[:, None, None]
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def maxpool(x, kernel, stride):
+    """Max pooling over the last two axes of x (no padding, floor mode)."""
+    kh, kw = kernel
+    h, w = x.shape[-2:]
+    oh, ow = (h - kh) // stride[0] + 1, (w - kw) // stride[1] + 1
+    if (kh, kw) == tuple(stride):
+        x = x[..., :oh * kh, :ow * kw]
+        return x.reshape(*x.shape[:-2], oh, kh, ow, kw).max(axis=(-3, -1))
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(-2, -1))
+    return win[..., ::stride[0], ::stride[1], :, :].max(axis=(-2, -1))
+
+
+def per_copy_losses(out, target, kind):
+    """out [R, N, ...] model outputs of R copies -> R losses (float64)."""
+    if kind == "mse":
+        diff = out.astype(np.float64) - target
+        return (diff * diff).reshape(len(out), -1).mean(axis=1)
+    z = out.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    logsumexp = np.log(np.exp(z).sum(axis=-1))
+    picked = np.take_along_axis(z, target[None, :, None], axis=-1)[..., 0]
+    return (logsumexp - picked).mean(axis=1)
+
+
+# ---------------------------------------------------------------- layers
+
+
+class Layer:
+    """One op of the chain. `params` maps a role ("weight", "bias", ...) to a trainable tensor entry."""
+    linear = False      # Gemm / MatMul / Conv: ends a block's sparse stretch
+    channelwise = True  # keeps a change inside its unit or channel
+
+    def __init__(self, node, const, params):
+        self.node, self.const, self.params = node, const, params
+
+    def value(self, role, x):
+        """The current value of an input tensor: a slice of the flat params, or a constant."""
+        entry = self.params.get(role)
+        if entry is None:
+            return self.const.get(role)
+        return x[entry["offset"]:entry["offset"] + entry["size"]].reshape(entry["shape"])
+
+
+class Gemm(Layer):
+    linear = True
+    channelwise = False
+
+    def weight(self, x):
+        w = self.value("weight", x)
+        return w if self.trans_b else w.T  # [out, in]
+
+    def forward(self, a, x):
+        out = a @ self.weight(x).T
+        b = self.value("bias", x)
+        return out + b if b is not None else out
+
+    def block(self, a, z, x, role, element, delta):
+        """Rows' perturbed output units: (unit index [R], values [R, N, 1])."""
+        w_shape = self.value("weight", x).shape
+        if role == "bias":
+            return element, (z[:, element].T + delta[:, None])[..., None]
+        out_idx, in_idx = (element // w_shape[1], element % w_shape[1]) if self.trans_b else \
+            (element % w_shape[1], element // w_shape[1])
+        return out_idx, (z[:, out_idx].T + delta[:, None] * a[:, in_idx].T)[..., None]
+
+    def respond(self, x, channels, size, delta):
+        """Output change [R, N, out] of a change `delta` [R, N, size] in input features channel*size+[0,size)."""
+        cols = channels[:, None] * size + np.arange(size)
+        w = self.weight(x)[:, cols].transpose(1, 2, 0)  # [R, size, out]
+        return np.matmul(delta.reshape(len(delta), delta.shape[1], -1), w)
+
+
+class Conv(Layer):
+    linear = True
+    channelwise = False
+
+    def forward(self, a, x):
+        return conv2d(a, self.value("weight", x), self.value("bias", x), self.stride, self.pads)
+
+    def block(self, a, z, x, role, element, delta):
+        """Rows' perturbed output channels: (channel [R], maps [R, N, H', W'])."""
+        w_shape = self.value("weight", x).shape
+        if role == "bias":
+            return element, z[:, element].transpose(1, 0, 2, 3) + delta[:, None, None, None]
+        o, c, p, q = np.unravel_index(element, w_shape)
+        t, l, bt, r = self.pads
+        ap = np.pad(a, ((0, 0), (0, 0), (t, bt), (l, r))) if any(self.pads) else a
+        oh, ow = z.shape[2:]
+        sh, sw = self.stride
+        rows = p[:, None] + sh * np.arange(oh)             # [R, oh]
+        cols = q[:, None] + sw * np.arange(ow)             # [R, ow]
+        shifted = ap[:, c[:, None, None], rows[:, :, None], cols[:, None, :]]  # [N, R, oh, ow]
+        return o, z[:, o].transpose(1, 0, 2, 3) + delta[:, None, None, None] * shifted.transpose(1, 0, 2, 3)
+
+    def respond(self, x, channels, size, delta):
+        """Output change [R, N, O, H', W'] of a change [R, N, H, W] in input channel channels[r]."""
+        w = self.value("weight", x)
+        R, N = delta.shape[:2]
+        out = np.empty((R, N, w.shape[0]) + self._out_hw(delta.shape[2:]), np.float32)
+        for c in np.unique(channels):
+            rows = np.flatnonzero(channels == c)
+            maps = delta[rows].reshape(len(rows) * N, 1, *delta.shape[2:])
+            out[rows] = conv2d(maps, w[:, c:c + 1], None, self.stride, self.pads).reshape(len(rows), N, w.shape[0],
+                                                                                        *out.shape[3:])
+        return out
+
+    def _out_hw(self, hw):
+        kh, kw = self.kernel
+        t, l, b, r = self.pads
+        return ((hw[0] + t + b - kh) // self.stride[0] + 1, (hw[1] + l + r - kw) // self.stride[1] + 1)
+
+
+class Relu(Layer):
+    def forward(self, a, x):
+        return np.maximum(a, 0)
+
+    def on_block(self, v, channels, size, x):
+        return np.maximum(v, 0)
+
+
+class MaxPool(Layer):
+    def forward(self, a, x):
+        return maxpool(a, self.kernel, self.stride)
+
+    def on_block(self, v, channels, size, x):
+        return maxpool(v, self.kernel, self.stride)
+
+
+class Bias(Layer):
+    """Add of a per-feature (or per-channel) tensor: a MatMul's bias."""
+
+    def forward(self, a, x):
+        return a + self.value("bias", x)
+
+    def on_block(self, v, channels, size, x):
+        b = self.value("bias", x)
+        return v + _feature_params(b, channels, size, v)
+
+    def block(self, a, z, x, role, element, delta):
+        return element, (z[:, element].T + delta[:, None])[..., None]
+
+
+class BatchNorm(Layer):
+    def scale_shift(self, x):
+        scale = self.value("scale", x) / np.sqrt(self.value("var", x) + self.eps)
+        return scale, self.value("bias", x) - self.value("mean", x) * scale
+
+    def forward(self, a, x):
+        scale, shift = self.scale_shift(x)
+        return a * scale[:, None, None] + shift[:, None, None]
+
+    def on_block(self, v, channels, size, x):
+        scale, shift = self.scale_shift(x)
+        return v * scale[channels][:, None, None, None] + shift[channels][:, None, None, None]
+
+
+class Flatten(Layer):
+    flatten = True
+
+    def forward(self, a, x):
+        return a.reshape(len(a), -1)
+
+    def on_block(self, v, channels, size, x):
+        return v.reshape(len(v), v.shape[1], -1)
+
+
+def _feature_params(p, channels, size, v):
+    if v.ndim == 4:  # [R, N, H, W] block of a channel
+        return p[channels][:, None, None, None]
+    cols = channels[:, None] * size + np.arange(size)
+    return p[cols][:, None, :]
+
+
+# ---------------------------------------------------------------- building the chain
+
+_ROLES = {"Gemm": ("input", "weight", "bias"), "MatMul": ("input", "weight"), "Conv": ("input", "weight", "bias"),
+          "BatchNormalization": ("input", "scale", "bias", "mean", "var"), "Add": ("input", "bias")}
+
+
+def _attrs(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class ChainEngine:
+    """Exact fast losses for coordinate probes on a chain-shaped loss graph."""
+
+    def __init__(self, layers, manifest, propagate=True, memory_mb=256):
+        self.layers, self.manifest = layers, manifest
+        self.propagate, self.memory_bytes = propagate, memory_mb * 2 ** 20
+        self.kind = manifest["loss"]["kind"]
+        self.input_name = manifest["inputs"][0]["name"]
+        self.target_name = manifest["targets"][0]["name"]
+        self.owner = np.empty(manifest["num_params"], np.int64)  # flat index -> layer index
+        for j, layer in enumerate(layers):
+            for entry in layer.params.values():
+                self.owner[entry["offset"]:entry["offset"] + entry["size"]] = j
+
+    @classmethod
+    def build(cls, model_path, manifest, propagate=True, memory_mb=256):
+        model = onnx.load(str(model_path))
+        if manifest["loss"]["kind"] not in ("mse", "cross_entropy"):
+            raise Unsupported(f"loss kind {manifest['loss']['kind']!r}")
+        if len(manifest["inputs"]) != 1 or len(manifest["targets"]) != 1:
+            raise Unsupported("more than one input or target")
+        graph = model.graph
+        entries = {e["name"]: e for e in manifest["trainable"]}
+        const = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                const[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"]) if "value" in _attrs(node) \
+                    else np.array(_attrs(node).get("value_ints"))
+        consumers = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        output = manifest["outputs"][0]["name"]
+        current, layers = manifest["inputs"][0]["name"], []
+        used = set()
+        while current != output:
+            nodes = [n for n in consumers.get(current, []) if n.op_type != "Shape"]
+            if len(nodes) != 1:
+                raise Unsupported(f"tensor {current!r} feeds {len(nodes)} ops (not a chain)")
+            node = nodes[0]
+            layers.append(cls._layer(node, const, entries, used))
+            current = node.output[0]
+        if set(entries) - used:
+            raise Unsupported(f"trainable tensors outside the chain: {sorted(set(entries) - used)[:3]}")
+        return cls(layers, manifest, propagate, memory_mb)
+
+    @staticmethod
+    def _layer(node, const, entries, used):
+        op, attrs = node.op_type, _attrs(node)
+        roles = _ROLES.get(op, ("input",))
+        params, consts = {}, {}
+        for role, name in zip(roles[1:], node.input[1:]):
+            if name in entries:
+                if name in used:
+                    raise Unsupported(f"tensor {name!r} is used twice")
+                params[role] = entries[name]
+                used.add(name)
+            elif name in const:
+                consts[role] = const[name].astype(np.float32) if role != "input" else const[name]
+            else:
+                raise Unsupported(f"{op} input {name!r} is neither a parameter nor a constant")
+        if op == "Gemm":
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                raise Unsupported("Gemm with transA, alpha or beta")
+            layer = Gemm(node, consts, params)
+            layer.trans_b = bool(attrs.get("transB", 0))
+        elif op == "MatMul":
+            layer = Gemm(node, consts, params)
+            layer.trans_b = False
+        elif op == "Conv":
+            if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])):
+                raise Unsupported("grouped or dilated Conv")
+            if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                raise Unsupported("Conv auto_pad")
+            layer = Conv(node, consts, params)
+            layer.stride = tuple(attrs.get("strides", [1, 1]))
+            layer.pads = tuple(attrs.get("pads", [0, 0, 0, 0]))
+            layer.kernel = tuple(attrs["kernel_shape"])
+        elif op == "Relu":
+            layer = Relu(node, consts, params)
+        elif op == "MaxPool":
+            if any(attrs.get("pads", [0] * 4)) or attrs.get("ceil_mode", 0) or \
+                    any(d != 1 for d in attrs.get("dilations", [1, 1])):
+                raise Unsupported("MaxPool with padding, ceil mode or dilation")
+            layer = MaxPool(node, consts, params)
+            layer.kernel, layer.stride = tuple(attrs["kernel_shape"]), tuple(attrs.get("strides", [1, 1]))
+        elif op == "Add" and ("bias" in params or "bias" in consts):
+            layer = Bias(node, consts, params)
+        elif op == "BatchNormalization":
+            if attrs.get("training_mode", 0):
+                raise Unsupported("BatchNormalization in training mode")
+            layer = BatchNorm(node, consts, params)
+            layer.eps = np.float32(attrs.get("epsilon", 1e-5))
+        elif op in ("Flatten", "Reshape"):
+            if op == "Flatten" and attrs.get("axis", 1) != 1:
+                raise Unsupported("Flatten with axis != 1")
+            layer = Flatten(node, {}, {})
+        else:
+            raise Unsupported(f"op {op}")
+        return layer
+
+    # ------------------------------------------------------------ evaluation
+
+    def forward(self, x, a, start=0):
+        """Activations from layer `start` on; returns the list of each layer's input plus the output."""
+        acts = [a]
+        for layer in self.layers[start:]:
+            acts.append(layer.forward(acts[-1], x))
+        return acts
+
+    def losses(self, params, probe, inputs, targets):
+        if not isinstance(probe, CoordinateProbe):
+            raise Unsupported("direction probes")
+        x = np.asarray(params, np.float32)
+        a0 = np.ascontiguousarray(inputs[self.input_name], np.float32)
+        y = targets[self.target_name]
+        y = y.astype(np.int64) if self.kind == "cross_entropy" else y.astype(np.float64)
+        acts = self.forward(x, a0)
+        out = np.empty(len(probe))
+        base_rows = probe.delta == 0
+        if base_rows.any():
+            out[base_rows] = per_copy_losses(acts[-1][None], y, self.kind)[0]
+        rows = np.flatnonzero(~base_rows)
+        owners = self.owner[probe.index[rows]]
+        for j in np.unique(owners):
+            sel = rows[owners == j]
+            out[sel] = self._layer_losses(j, x, acts, probe.index[sel], probe.delta[sel].astype(np.float32), y)
+        return out
+
+    def _layer_losses(self, j, x, acts, index, delta, y):
+        layer = self.layers[j]
+        result = np.empty(len(index))
+        for role, entry in layer.params.items():
+            mine = (index >= entry["offset"]) & (index < entry["offset"] + entry["size"])
+            if not mine.any():
+                continue
+            element = index[mine] - entry["offset"]
+            if isinstance(layer, (Gemm, Conv, Bias)):
+                channels, v = layer.block(acts[j], acts[j + 1], x, role, element, delta[mine])
+            else:
+                channels, v = self._channel_param_block(layer, j, x, acts, role, element, delta[mine])
+            result[mine] = self._propagate(j + 1, x, acts, channels, v, y)
+        return result
+
+    def _channel_param_block(self, layer, j, x, acts, role, element, delta):
+        """A per-channel layer's parameter perturbed: recompute its output on that channel only."""
+        xs = np.repeat(x[None], len(element), axis=0)
+        offset = layer.params[role]["offset"]
+        xs[np.arange(len(element)), offset + element] += delta
+        channels = element
+        base_in = acts[j][:, channels].transpose(1, 0, 2, 3)
+        v = np.stack([layer.on_block(base_in[r:r + 1], channels[r:r + 1], 1, xs[r])[0] for r in range(len(element))])
+        return channels, v
+
+    def _propagate(self, k, x, acts, channels, v, y):
+        """Carry blocks v [R, N, ...] (output channel `channels`) from layer k on; returns R losses."""
+        size = int(np.prod(v.shape[2:]))
+        while k < len(self.layers) and self.propagate and not self.layers[k].linear:
+            v = self.layers[k].on_block(v, channels, size, x)
+            size = int(np.prod(v.shape[2:]))
+            k += 1
+        if k == len(self.layers) or not self.propagate:
+            dense = self._splice(acts[k], channels, v)
+        else:
+            base_block = self._take_block(acts[k], channels, v.shape)
+            dense = acts[k + 1][None] + self.layers[k].respond(x, channels, size, v - base_block)
+            k += 1
+        return self._dense_losses(k, x, dense, y)
+
+    @staticmethod
+    def _take_block(a, channels, shape):
+        if a.ndim == 4:
+            return a[:, channels].transpose(1, 0, 2, 3).reshape(shape)
+        size = int(np.prod(shape[2:]))
+        cols = channels[:, None] * size + np.arange(size)
+        return a[:, cols].transpose(1, 0, 2).reshape(shape)
+
+    @staticmethod
+    def _splice(a, channels, v):
+        """Copies of the base activation a [N, ...] with each copy's block replaced: [R, N, ...]."""
+        copies = np.repeat(a[None], len(channels), axis=0)
+        r = np.arange(len(channels))
+        if a.ndim == 4:
+            copies[r, :, channels] = v.reshape(len(r), a.shape[0], *a.shape[2:])
+        else:
+            size = int(np.prod(v.shape[2:]))
+            cols = channels[:, None] * size + np.arange(size)
+            copies[r[:, None], :, cols] = v.reshape(len(r), a.shape[0], size).transpose(0, 2, 1)
+        return copies
+
+    def _dense_losses(self, k, x, dense, y):
+        """Run copies [R, N, ...] through layers k.. in chunks under the memory cap; R losses."""
+        R, N = dense.shape[:2]
+        per_copy = dense[0].nbytes * 16 + 1  # room for the widest activation and conv windows
+        chunk = int(max(1, min(R, self.memory_bytes // per_copy)))
+        out = np.empty(R)
+        for s in range(0, R, chunk):
+            part = dense[s:s + chunk]
+            a = part.reshape(len(part) * N, *part.shape[2:])
+            for layer in self.layers[k:]:
+                a = layer.forward(a, x)
+            out[s:s + chunk] = per_copy_losses(a.reshape(len(part), N, *a.shape[1:]), y, self.kind)
+        return out
