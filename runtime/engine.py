@@ -304,7 +304,8 @@ class ChainEngine:
             layer = Conv(node, consts, params)
             layer.stride = tuple(attrs.get("strides", [1, 1]))
             layer.pads = tuple(attrs.get("pads", [0, 0, 0, 0]))
-            layer.kernel = tuple(attrs["kernel_shape"])
+            weight = params.get("weight", {}).get("shape") or consts["weight"].shape
+            layer.kernel = tuple(attrs.get("kernel_shape", weight[2:]))
         elif op == "Relu":
             layer = Relu(node, consts, params)
         elif op == "MaxPool":

@@ -1,0 +1,85 @@
+"""Every fast evaluation path gives the naive path's losses (one runtime call per perturbation)."""
+import numpy as np
+import pytest
+
+from edgezo.runtime import EdgezoError, load_artifact
+from edgezo.runtime.optim import CoCD
+
+ULP = np.finfo(np.float32).eps
+
+
+def probes(artifact, budget, eps, central=True, every=1):
+    """Probes over a full cycle of coordinates (every `every`-th step), the last wrapping to the first."""
+    opt = CoCD(artifact.initial_params(), lr=0.0, eps=eps, budget=budget, central=central)
+    steps = -(-artifact.num_params // budget)
+    for step in range(0, steps, every):
+        opt.refreshed = step * budget
+        probe = opt.ask()
+        opt.discard()
+        yield probe
+
+
+def check_step(fast, naive, eps, budget, central=True):
+    assert np.all(np.abs(fast - naive) <= 1e-5 * np.abs(naive)), np.max(np.abs(fast - naive) / np.abs(naive))
+    if central:
+        fd_fast, fd_naive = (fast[:budget] - fast[budget:]) / (2 * eps), (naive[:budget] - naive[budget:]) / (2 * eps)
+    else:
+        fd_fast, fd_naive = (fast[1:] - fast[0]) / eps, (naive[1:] - naive[0]) / eps
+    # 1e-3 relative, plus the float32 resolution of the naive path's own difference quotient
+    resolution = 8 * ULP * np.max(np.abs(naive)) / eps
+    assert np.all(np.abs(fd_fast - fd_naive) <= 1e-3 * np.abs(fd_naive) + resolution)
+
+
+def data(kind, n, rng):
+    if kind == "mlp":
+        return rng.standard_normal((n, 21)).astype(np.float32), rng.standard_normal((n, 7)).astype(np.float32)
+    return rng.random((n, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, n)
+
+
+@pytest.mark.parametrize("engine", ["auto", "batched"])
+def test_mlp_full_cycle(mlp_artifact, engine):
+    fast = load_artifact(mlp_artifact, device="cpu", engine=engine)
+    naive = load_artifact(mlp_artifact, device="cpu", engine="naive")
+    x, y = data("mlp", 64, np.random.default_rng(0))
+    params = fast.initial_params()
+    assert fast.fast_engine() is not None and naive.fast_engine() is None
+    n_steps = 0
+    for probe in probes(fast, 64, 1e-2):
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 64)
+        n_steps += 1
+    assert n_steps == 189  # 12,039 = 188 x 64 + 7: the last step wraps to coordinate 0; steps span layers
+
+
+@pytest.mark.parametrize("engine", ["auto", "batched"])
+def test_cnn_full_cycle(cnn_artifact, engine):
+    fast = load_artifact(cnn_artifact, device="cpu", engine=engine)
+    naive = load_artifact(cnn_artifact, device="cpu", engine="naive")
+    x, y = data("cnn", 6, np.random.default_rng(1))
+    params = fast.initial_params() + np.float32(0.01)  # no exact zeros at ReLUs
+    for probe in probes(fast, 256, 1e-2, every=1 if engine == "auto" else 4):
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 256)
+
+
+def test_one_sided_and_small_budget(mlp_artifact, cnn_artifact):
+    for path, kind, budget in ((mlp_artifact, "mlp", 13), (cnn_artifact, "cnn", 97)):
+        fast = load_artifact(path, device="cpu")
+        naive = load_artifact(path, device="cpu", engine="naive")
+        x, y = data(kind, 5, np.random.default_rng(2))
+        params = fast.initial_params()
+        for probe in probes(fast, budget, 5e-2, central=False, every=7):
+            assert probe.delta[0] == 0
+            check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 5e-2, budget,
+                       central=False)
+
+
+def test_engine_falls_back_where_the_graph_is_not_a_chain(tmp_path):
+    from test_onnx_import import conv_bn_residual
+    from edgezo.exporters.onnx_import import export_onnx
+    path, _, _ = conv_bn_residual(tmp_path)
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=["c1_w", "fc_w"])
+    artifact = load_artifact(art, device="cpu")
+    assert artifact.fast_engine() is None and "not a chain" in artifact.engine_note
+    with pytest.raises(EdgezoError, match="--engine batched does not apply"):
+        load_artifact(art, device="cpu", engine="batched").fast_engine()
+    with pytest.raises(EdgezoError, match="--engine must be one of"):
+        load_artifact(art, device="cpu", engine="turbo")
