@@ -26,6 +26,7 @@ class Artifact:
         self.num_params = self.manifest["num_params"]
         self.input_names = [v["name"] for v in self.manifest["inputs"]]
         self.target_names = [v["name"] for v in self.manifest["targets"]]
+        self.threads = threads
         self.session = make_session(self.file("loss"), device, threads)
         self.device = active_device(self.session)
         self._check_graph()
@@ -44,7 +45,7 @@ class Artifact:
             try:
                 self._engine = ChainEngine.build(self.file("loss"), self.manifest,
                                                  propagate=self.engine_name == "auto",
-                                                 memory_mb=self.engine_memory_mb)
+                                                 memory_mb=self.engine_memory_mb, threads=self.threads)
             except Unsupported as e:
                 if self.engine_name == "batched":
                     raise EdgezoError(f"--engine batched does not apply to {self.file('loss')}: {e}") from None

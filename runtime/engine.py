@@ -18,6 +18,7 @@ supported: `ChainEngine.build` raises Unsupported and the caller uses the naive 
 """
 import numpy as np
 import onnx
+import onnx.utils
 from onnx import numpy_helper
 
 from .optim import CoordinateProbe
@@ -45,15 +46,17 @@ def conv2d(x, w, b, stride, pads):
 
 
 def maxpool(x, kernel, stride):
-    """Max pooling over the last two axes of x (no padding, floor mode)."""
-    kh, kw = kernel
+    """Max pooling over the last two axes of x (no padding, floor mode): an elementwise max of the
+    kernel's strided shifts, much faster in numpy than a max-reduction over window axes."""
+    (kh, kw), (sh, sw) = kernel, stride
     h, w = x.shape[-2:]
-    oh, ow = (h - kh) // stride[0] + 1, (w - kw) // stride[1] + 1
-    if (kh, kw) == tuple(stride):
-        x = x[..., :oh * kh, :ow * kw]
-        return x.reshape(*x.shape[:-2], oh, kh, ow, kw).max(axis=(-3, -1))
-    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(-2, -1))
-    return win[..., ::stride[0], ::stride[1], :, :].max(axis=(-2, -1))
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            shifted = x[..., i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            out = shifted.copy() if out is None else np.maximum(out, shifted, out=out)
+    return out
 
 
 def per_copy_losses(out, target, kind):
@@ -120,8 +123,32 @@ class Conv(Layer):
     linear = True
     channelwise = False
 
+    session = None  # onnxruntime's Conv (MLAS) for the dense parts; numpy's im2col where absent
+
     def forward(self, a, x):
-        return conv2d(a, self.value("weight", x), self.value("bias", x), self.stride, self.pads)
+        return self.conv(a, self.value("weight", x), self.value("bias", x))
+
+    def conv(self, a, w, b):
+        if self.session is None:
+            return conv2d(a, w, b, self.stride, self.pads)
+        if b is None:
+            b = np.zeros(w.shape[0], np.float32)
+        return self.session.run(None, {"X": np.ascontiguousarray(a, np.float32), "W": np.ascontiguousarray(w),
+                                       "B": np.ascontiguousarray(b, np.float32)})[0]
+
+    def make_session(self, threads):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+        node = helper.make_node("Conv", ["X", "W", "B"], ["Y"], pads=list(self.pads), strides=list(self.stride),
+                                kernel_shape=list(self.kernel))
+        graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                                   for n in ("X", "W", "B")],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def block(self, a, z, x, role, element, delta):
         """Rows' perturbed output channels: (channel [R], maps [R, N, H', W'])."""
@@ -146,8 +173,8 @@ class Conv(Layer):
         for c in np.unique(channels):
             rows = np.flatnonzero(channels == c)
             maps = delta[rows].reshape(len(rows) * N, 1, *delta.shape[2:])
-            out[rows] = conv2d(maps, w[:, c:c + 1], None, self.stride, self.pads).reshape(len(rows), N, w.shape[0],
-                                                                                        *out.shape[3:])
+            out[rows] = self.conv(maps, np.ascontiguousarray(w[:, c:c + 1]), None).reshape(len(rows), N, w.shape[0],
+                                                                                          *out.shape[3:])
         return out
 
     def _out_hw(self, hw):
@@ -230,8 +257,8 @@ def _attrs(node):
 class ChainEngine:
     """Exact fast losses for coordinate probes on a chain-shaped loss graph."""
 
-    def __init__(self, layers, manifest, propagate=True, memory_mb=256):
-        self.layers, self.manifest = layers, manifest
+    def __init__(self, layers, manifest, propagate=True, memory_mb=256, base_session=None):
+        self.layers, self.manifest, self.base_session = layers, manifest, base_session
         self.propagate, self.memory_bytes = propagate, memory_mb * 2 ** 20
         self.kind = manifest["loss"]["kind"]
         self.input_name = manifest["inputs"][0]["name"]
@@ -242,7 +269,8 @@ class ChainEngine:
                 self.owner[entry["offset"]:entry["offset"] + entry["size"]] = j
 
     @classmethod
-    def build(cls, model_path, manifest, propagate=True, memory_mb=256):
+    def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None):
+        """The engine for loss.onnx at model_path; raises Unsupported where the graph is not a chain."""
         model = onnx.load(str(model_path))
         if manifest["loss"]["kind"] not in ("mse", "cross_entropy"):
             raise Unsupported(f"loss kind {manifest['loss']['kind']!r}")
@@ -271,7 +299,22 @@ class ChainEngine:
             current = node.output[0]
         if set(entries) - used:
             raise Unsupported(f"trainable tensors outside the chain: {sorted(set(entries) - used)[:3]}")
-        return cls(layers, manifest, propagate, memory_mb)
+        for layer in layers:
+            if isinstance(layer, Conv):
+                layer.make_session(threads)
+        return cls(layers, manifest, propagate, memory_mb, cls._base_session(model, layers, threads))
+
+    @staticmethod
+    def _base_session(model, layers, threads):
+        """onnxruntime computes the base activations (every layer's output) in one call per step."""
+        import onnxruntime as ort
+        inputs = [model.graph.input[0].name, layers[0].node.input[0]]  # the flat params and the model input
+        model = onnx.utils.Extractor(model).extract_model(inputs, [layer.node.output[0] for layer in layers])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     @staticmethod
     def _layer(node, const, entries, used):
@@ -345,7 +388,11 @@ class ChainEngine:
         a0 = np.ascontiguousarray(inputs[self.input_name], np.float32)
         y = targets[self.target_name]
         y = y.astype(np.int64) if self.kind == "cross_entropy" else y.astype(np.float64)
-        acts = self.forward(x, a0)
+        if self.base_session is not None:
+            feed = {self.manifest["params_input"]: x, self.input_name: a0}
+            acts = [a0] + self.base_session.run(None, feed)
+        else:
+            acts = self.forward(x, a0)
         out = np.empty(len(probe))
         base_rows = probe.delta == 0
         if base_rows.any():
@@ -390,12 +437,16 @@ class ChainEngine:
             size = int(np.prod(v.shape[2:]))
             k += 1
         if k == len(self.layers) or not self.propagate:
-            dense = self._splice(acts[k], channels, v)
+            def dense(rows):
+                return self._splice(acts[k], channels[rows], v[rows])
+            start, width = k, acts[k][0].nbytes
         else:
-            base_block = self._take_block(acts[k], channels, v.shape)
-            dense = acts[k + 1][None] + self.layers[k].respond(x, channels, size, v - base_block)
-            k += 1
-        return self._dense_losses(k, x, dense, y)
+            change = v - self._take_block(acts[k], channels, v.shape)
+
+            def dense(rows):
+                return acts[k + 1][None] + self.layers[k].respond(x, channels[rows], size, change[rows])
+            start, width = k + 1, acts[k + 1][0].nbytes
+        return self._dense_losses(start, x, dense, len(channels), acts[0].shape[0] * width, y)
 
     @staticmethod
     def _take_block(a, channels, shape):
@@ -418,14 +469,14 @@ class ChainEngine:
             copies[r[:, None], :, cols] = v.reshape(len(r), a.shape[0], size).transpose(0, 2, 1)
         return copies
 
-    def _dense_losses(self, k, x, dense, y):
-        """Run copies [R, N, ...] through layers k.. in chunks under the memory cap; R losses."""
-        R, N = dense.shape[:2]
-        per_copy = dense[0].nbytes * 16 + 1  # room for the widest activation and conv windows
-        chunk = int(max(1, min(R, self.memory_bytes // per_copy)))
-        out = np.empty(R)
-        for s in range(0, R, chunk):
-            part = dense[s:s + chunk]
+    def _dense_losses(self, k, x, dense, copies, copy_bytes, y):
+        """Copies dense(rows) [len(rows), N, ...] through layers k.., chunked under the memory cap; losses."""
+        per_copy = copy_bytes * 16 + 1  # room for the widest activation and conv windows
+        chunk = int(max(1, min(copies, self.memory_bytes // per_copy)))
+        out = np.empty(copies)
+        for s in range(0, copies, chunk):
+            part = dense(np.arange(s, min(s + chunk, copies)))
+            N = part.shape[1]
             a = part.reshape(len(part) * N, *part.shape[2:])
             for layer in self.layers[k:]:
                 a = layer.forward(a, x)
