@@ -1,9 +1,10 @@
 """ms per CoCD step: edgezo's engine (auto, batched) vs the naive path vs an eager torch loop as the
 authors' reference does it (in place +eps, -2eps, +eps; one forward each), measured side by side.
 
-Steps are spread evenly across the coordinate cycle, so every layer counts by its share of the
-coordinates. Slow paths are timed on a sample of probe rows and scaled to 2B rows (said so in the
-output). Writes benchmarks/results/step_speed.json.
+The engine paths are timed on every step of one full coordinate cycle (each layer counts by its
+share of the coordinates); the naive path and the torch reference, whose cost does not depend on
+the step, on steps spread across the cycle and a sample of probe rows, scaled to 2B rows (said so in
+the output). Writes benchmarks/results/step_speed.json.
 
 Usage: python benchmarks/step_speed.py [--models mlp cnn resnet20] [--steps 12]
 Run it alone: other work on a 2-core machine distorts timings.
@@ -79,12 +80,15 @@ def bench(name, steps, sample):
     params = arts["naive"].initial_params()
     opt = CoCD(params, lr=0.0, eps=1e-2, budget=budget)
     cycle = -(-params.size // budget)
-    picks = np.linspace(0, cycle - 1, min(steps, cycle)).astype(int)
-    probes = []
-    for step in picks:
-        opt.refreshed = int(step) * budget
-        probes.append(opt.ask())
-        opt.discard()
+    def probes_at(step_list):
+        out = []
+        for step in step_list:
+            opt.refreshed = int(step) * budget
+            out.append(opt.ask())
+            opt.discard()
+        return out
+    probes = probes_at(np.linspace(0, cycle - 1, min(steps, cycle)).astype(int))
+    full_cycle = probes_at(range(cycle))
     result = {"model": model, "num_params": int(params.size), "budget": budget, "batch": batch,
               "steps_timed": len(probes), "cycle_steps": cycle}
     for engine, art in arts.items():
@@ -94,11 +98,12 @@ def bench(name, steps, sample):
             continue
         rows = sample if engine == "naive" else None
         art.losses(params, sample_rows(probes[0], 8), x, y)  # warm up
+        timed_probes = probes if engine == "naive" else full_cycle
         total = 0.0
-        for probe in probes:
+        for probe in timed_probes:
             p = sample_rows(probe, rows) if rows and rows < len(probe) else probe
             total += timed(lambda: art.losses(params, p, x, y)) * len(probe) / len(p)
-        result[f"{engine}_ms"] = 1000 * total / len(probes)
+        result[f"{engine}_ms"] = 1000 * total / len(timed_probes)
         print(f"  {name} {engine:8s} {result[f'{engine}_ms']:10.2f} ms/step"
               + (f" (from {rows} of {len(probes[0])} rows per step)" if rows and rows < len(probes[0]) else ""),
               flush=True)
