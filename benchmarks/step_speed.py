@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from common import builtin_artifact, write_json
+from common import RESULTS, builtin_artifact, write_json
 
 CASES = {  # name: (built-in model, budget B, batch, input shape, classes or None for 7 regression targets)
     "mlp": ("sarcos-mlp", 64, 64, (21,), None),
@@ -119,6 +119,12 @@ def bench(name, steps, sample):
     return result
 
 
+def previous_results():
+    import json
+    path = RESULTS / "step_speed.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
@@ -134,7 +140,7 @@ def main():
         fmt = lambda v: f"{v:9.2f}" if v is not None else f"{'n/a':>9}"
         print(f"{name:<9} {fmt(r['auto_ms'])} {fmt(r['batched_ms'])} {fmt(r['naive_ms'])} "
               f"{r['torch_reference_ms']:10.2f} {r['speedup_vs_torch_reference']:7.1f}x {r['speedup_vs_naive']:8.1f}x")
-    write_json("step_speed", results)
+    write_json("step_speed", {**previous_results(), **results})  # models run earlier keep their rows
     return 0
 
 

@@ -30,6 +30,8 @@ def make_session(path, device="auto", threads=None, options=None):
     so = options or ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # idle onnxruntime threads otherwise busy-wait after each call, starving the numpy work between calls
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
