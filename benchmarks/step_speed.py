@@ -69,7 +69,7 @@ def torch_reference_ms(artifact_dir, probes, x, y, classes, rows):
 
 
 def bench(name, steps, sample):
-    from edgezo.runtime import load_artifact
+    from edgezo.runtime import EdgezoError, load_artifact
     from edgezo.runtime.optim import CoCD
     model, budget, batch, shape, classes = CASES[name]
     path = builtin_artifact(model)
@@ -92,9 +92,14 @@ def bench(name, steps, sample):
     result = {"model": model, "num_params": int(params.size), "budget": budget, "batch": batch,
               "steps_timed": len(probes), "cycle_steps": cycle}
     for engine, art in arts.items():
-        if art.fast_engine() is None and engine != "naive":
-            result[f"{engine}_ms"] = None
-            result[f"{engine}_note"] = art.engine_note
+        try:
+            usable = engine == "naive" or art.fast_engine() is not None
+            note = art.engine_note
+        except EdgezoError as e:
+            usable, note = False, str(e)
+        if not usable:
+            result[f"{engine}_ms"], result[f"{engine}_note"] = None, note
+            print(f"  {name} {engine:8s} not applicable: {note}", flush=True)
             continue
         rows = sample if engine == "naive" else None
         art.losses(params, sample_rows(probes[0], 8), x, y)  # warm up
