@@ -237,6 +237,30 @@ def cmd_write_back(args):
     print(f"wrote {args.out} (the inference model with the trained values)")
 
 
+def cmd_profile(args):
+    from .profile import profile
+    profile(args.artifact, args.out, batch_size=args.batch_size, steps=args.steps, device=args.device,
+            budget=args.budget, engine_memory_mb=args.engine_memory_mb)
+
+
+def cmd_plan(args):
+    from .devices.detect import PROFILES
+    from .devices.plan import Planner, target_limit_mb
+    limit = target_limit_mb(args.target, args.memory_limit_mb)
+    print("calibrating on this machine (two short runs) ...", flush=True)
+    planner = Planner(args.artifact, budget=args.budget)
+    plan = planner.plan(limit, args.engine_cap_mb)
+    name = PROFILES.get(args.target, ("this machine",))[0]
+    print(f"{name}: {limit:.0f} MiB for training -> --batch-size {plan['batch_size']} --memory {plan['memory']} "
+          f"--engine-memory-mb {plan['engine_memory_mb']:.0f}; predicted peak RSS {plan['predicted_peak_mb']:.0f} MiB "
+          f"(baseline {planner.baseline:.0f} + runtime {planner.overhead:.0f} MiB, engine residency "
+          f"{planner.alpha:.2f} of its cap; calibrated here)")
+    if args.out:
+        from .runtime.files import save_json
+        save_json(args.out, {"target": args.target, **plan, "baseline_mb": planner.baseline,
+                             "overhead_mb": planner.overhead, "engine_alpha": planner.alpha})
+
+
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(args)
@@ -338,6 +362,26 @@ def build_parser():
     p.add_argument("--target-columns", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="peak memory of CoCD (forward-only) vs torch SGD/momentum/Adam, each in a "
+                                      "fresh process")
+    p.add_argument("artifact")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--budget", type=int, default=64, help="CoCD coordinates per step")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--engine-memory-mb", type=float, default=256)
+    p.add_argument("--out", required=True, help="folder for profile.json and profile.png")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("plan", help="the largest batch, buffer m and engine chunk that fit a device's memory")
+    p.add_argument("artifact")
+    p.add_argument("--target", default="local", help="a device profile (orin-nano-8gb, agx-orin-64gb, ...) or local")
+    p.add_argument("--memory-limit-mb", type=float, help="memory training may use (overrides the profile)")
+    p.add_argument("--budget", type=int, default=64, help="CoCD coordinates per step")
+    p.add_argument("--engine-cap-mb", type=float, default=256, help="the largest engine chunk to consider")
+    p.add_argument("--out", help="write the plan as JSON here")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="robot-arm inverse dynamics: CoCD and BCCD via onnxruntime vs torch SGD")
     p.add_argument("--out", default="runs/demo", help="folder for results (replaced if it exists)")

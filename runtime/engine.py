@@ -409,9 +409,14 @@ class ChainEngine:
             out[base_rows] = per_copy_losses(acts[-1][None], y, self.kind)[0]
         rows = np.flatnonzero(~base_rows)
         owners = self.owner[probe.index[rows]]
+        # rows per chunk, so that blocks, responses and dense copies of a chunk stay under the cap
+        widest = max(a[0].nbytes for a in acts) * len(a0)
+        chunk = int(max(1, self.memory_bytes // (16 * widest)))
         for j in np.unique(owners):
-            sel = rows[owners == j]
-            out[sel] = self._layer_losses(j, x, acts, probe.index[sel], probe.delta[sel].astype(np.float32), y)
+            layer_rows = rows[owners == j]
+            for s in range(0, len(layer_rows), chunk):
+                sel = layer_rows[s:s + chunk]
+                out[sel] = self._layer_losses(j, x, acts, probe.index[sel], probe.delta[sel].astype(np.float32), y)
         return out
 
     def _layer_losses(self, j, x, acts, index, delta, y):
