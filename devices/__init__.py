@@ -20,7 +20,8 @@ def providers_for(device):
         raise EdgezoError(f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "
                           f"(available: {available}); install onnxruntime-gpu (and not onnxruntime)")
     if device == "cuda" or (device == "auto" and has_cuda):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        gpu = ["TensorrtExecutionProvider"] if "TensorrtExecutionProvider" in available else []
+        return gpu + ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -42,7 +43,7 @@ def make_session(path, device="auto", threads=None, options=None):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgezoError(f"{path}: onnxruntime cannot load it: {first[:300]}") from None
     active = session.get_providers()
-    if wanted[0] == "CUDAExecutionProvider" and active[0] != "CUDAExecutionProvider":
+    if wanted[0] != "CPUExecutionProvider" and active[0] == "CPUExecutionProvider":
         if device == "cuda":
             raise EdgezoError(f"--device cuda: onnxruntime fell back to {active[0]} (CUDA libraries missing?)")
         print(f"edgezo: CUDA provider present but not active for {path}; running on the CPU", file=sys.stderr)
@@ -51,4 +52,4 @@ def make_session(path, device="auto", threads=None, options=None):
 
 
 def active_device(session):
-    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    return "cpu" if session.get_providers()[0] == "CPUExecutionProvider" else "cuda"

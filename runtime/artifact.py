@@ -96,9 +96,31 @@ class Artifact:
     fixed_batch = None  # onnxruntime graphs take any batch size
     backend = "onnxruntime"
 
+    _params_on_device = None
+
     def _run(self, params, feed, outputs=("loss",)):
-        feed[self.manifest["params_input"]] = np.ascontiguousarray(params, dtype=np.float32)
+        params = np.ascontiguousarray(params, dtype=np.float32)
+        if self.device == "cuda":
+            return self._run_bound(params, feed, outputs)
+        feed[self.manifest["params_input"]] = params
         return self.session.run(list(outputs), feed)
+
+    def _run_bound(self, params, feed, outputs):
+        """CUDA: the params live in one device buffer, updated in place; inputs and outputs are bound."""
+        import onnxruntime as ort
+        if self._params_on_device is None:
+            self._params_on_device = ort.OrtValue.ortvalue_from_numpy(params, "cuda", 0)
+        else:
+            self._params_on_device.update_inplace(params)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.manifest["params_input"], self._params_on_device)
+        for name, value in feed.items():
+            if name != self.manifest["params_input"]:
+                binding.bind_cpu_input(name, value)
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def _check_params(self, params):
         ok = isinstance(params, np.ndarray) and params.shape == (self.num_params,)
