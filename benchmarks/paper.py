@@ -1,0 +1,173 @@
+"""The paper's benchmarks (CoCD, ICML 2026, Table 1 settings) from one script.
+
+Tasks:
+  sarcos     MLP 21-64-64-64-32-7 on SARCOS (the 4,449-row split in ../shared, split by seed 80/20 into
+             train and validation; --sarcos for the full sarcos_inv.mat), batch 64: CoCD (lr 1e-3,
+             gamma 1.0, eps 1.0, B 64), BCCD (eps 1e-6), torch SGD momentum 0.9 (lr 1e-2).
+  mnist      CNN (21,578 params) on MNIST, batch 128: CoCD (lr 1e-2, gamma 0.99, eps 0.1, B 256), BCCD (eps
+             1e-6), torch SGD momentum 0.9 (lr 1e-2). Test accuracy on the 10,000 test digits.
+  fashion    the same on Fashion-MNIST.
+  ablations  SARCOS CoCD over eps, gamma, B and M = m/n in {1, 0.5, 0.25}.
+  baselines  SARCOS at a matched budget of 64 evaluations per step: CoCD (B 32, central), SPSA (32
+             directions), ZO-SGD (63 directions + base), MeZO-SGD (32 directions) (the paper's Fig. 4).
+All runs: weight decay 1e-4. SARCOS inputs and torques are standardized with the training split's
+statistics (validation loss is MSE of standardized torques). Writes benchmarks/results/paper_<task>.json
+and paper_<task>.png.
+
+Usage: python benchmarks/paper.py --tasks sarcos ablations baselines [--epochs 50]
+       python benchmarks/paper.py --tasks mnist --epochs 50     (about 30 s per CoCD epoch on 2 cores)
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from common import RESULTS, SHARED, builtin_artifact, write_json
+from edgezo.runtime import data as data_mod
+from edgezo.runtime import load_artifact
+from edgezo.runtime.optim import BCCD, SPSA, ZOSGD, CoCD, MeZOSGD
+from edgezo.runtime.train import fit
+
+WD = 1e-4
+CURRENT = {"task": None, "epochs": None, "runs": []}  # written after every run, so a long task keeps its results
+
+
+def finished(result):
+    CURRENT["runs"].append(result)
+    write_json(f"paper_{CURRENT['task']}", CURRENT)
+    return result
+
+
+def sarcos_data(path, seed=0):
+    x, y = data_mod.load_sarcos(path)
+    train, val = data_mod.split({"x": x, "y": y}, 0.2, seed)
+    for key in ("x", "y"):
+        mean, std = train[key].mean(0), train[key].std(0) + 1e-8
+        train[key], val[key] = (train[key] - mean) / std, (val[key] - mean) / std
+    return train, val
+
+
+def mnist_data(folder):
+    x, y = data_mod.load_idx_pair(folder / "train-images-idx3-ubyte.gz")
+    xt, yt = data_mod.load_idx_pair(folder / "t10k-images-idx3-ubyte.gz")
+    return {"x": x, "y": y}, {"x": xt, "y": yt}
+
+
+def run(label, artifact, make_optimizer, train, val, batch, epochs, seed=0):
+    params = artifact.initial_params()
+    opt = make_optimizer(params)
+    start = time.perf_counter()
+    history = fit(artifact, opt, train, batch, epochs, seed=seed, val_data=val,
+                  log=lambda line: print(f"  {label}: {line}", flush=True))
+    return finished({"label": label, "history": history, "seconds": time.perf_counter() - start,
+                     "steps": opt.steps})
+
+
+def run_sgd(label, model, train, val, batch, epochs, lr=1e-2):
+    from edgezo.reference import fit_torch
+    start = time.perf_counter()
+    history, _ = fit_torch(builtin_artifact(model), "momentum", train, batch, epochs, lr, val_data=val,
+                           weight_decay=WD, log=lambda line: print(f"  {label}: {line}", flush=True))
+    return finished({"label": label, "history": history, "seconds": time.perf_counter() - start,
+                     "steps": history[-1]["steps"]})
+
+
+def task_sarcos(args):
+    train, val = sarcos_data(args.sarcos)
+    art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
+    return [run("CoCD", art, lambda p: CoCD(p, lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD),
+                train, val, 64, args.epochs),
+            run("BCCD", art, lambda p: BCCD(p, lr=1e-3, eps=1e-6, budget=64, weight_decay=WD), train, val, 64,
+                args.epochs),
+            run_sgd("SGD momentum 0.9", "sarcos-mlp", train, val, 64, args.epochs)]
+
+
+def task_mnist(args, folder="mnist"):
+    train, test = mnist_data(SHARED / "datasets" / folder)
+    art = load_artifact(builtin_artifact("mnist-cnn"), device="cpu", threads=2)
+    return [run("CoCD", art, lambda p: CoCD(p, lr=1e-2, eps=0.1, budget=256, gamma=0.99, weight_decay=WD),
+                train, test, 128, args.epochs),
+            run("BCCD", art, lambda p: BCCD(p, lr=1e-2, eps=1e-6, budget=256, weight_decay=WD), train, test, 128,
+                args.epochs),
+            run_sgd("SGD momentum 0.9", "mnist-cnn", train, test, 128, args.epochs)]
+
+
+def task_ablations(args):
+    train, val = sarcos_data(args.sarcos)
+    art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
+    base = dict(lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD)
+    n = art.num_params
+    variants = [("eps", v) for v in (0.1, 1.0, 3.0)] + [("gamma", v) for v in (0.0, 0.9, 0.99, 1.0)] + \
+        [("budget", v) for v in (16, 64, 256)] + [("M", v) for v in (1.0, 0.5, 0.25)]
+    runs = []
+    for key, value in variants:
+        settings = dict(base)
+        if key == "M":
+            settings["memory"] = max(1, int(round(value * n)))
+        else:
+            settings[key] = value
+        runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, 64, args.epochs))
+    return runs
+
+
+def task_baselines(args):
+    train, val = sarcos_data(args.sarcos)
+    art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
+    return [run("CoCD B=32 (64 evals)", art, lambda p: CoCD(p, lr=1e-3, eps=1.0, budget=32, weight_decay=WD),
+                train, val, 64, args.epochs),
+            run("SPSA q=32 (64 evals)", art, lambda p: SPSA(p, lr=1e-4, mu=1e-2, directions=32), train, val, 64,
+                args.epochs),
+            run("ZO-SGD q=63 (64 evals)", art, lambda p: ZOSGD(p, lr=1e-4, mu=1e-2, directions=63), train, val, 64,
+                args.epochs),
+            run("MeZO-SGD q=32 (64 evals)", art, lambda p: MeZOSGD(p, lr=1e-4, mu=1e-2, directions=32), train, val,
+                64, args.epochs)]
+
+
+TASKS = {"sarcos": task_sarcos, "mnist": task_mnist, "fashion": lambda a: task_mnist(a, "fashion-mnist"),
+         "ablations": task_ablations, "baselines": task_baselines}
+
+
+def plot(task, runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key = "val_accuracy" if "val_accuracy" in runs[0]["history"][0] else "val_loss"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        ax.plot([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], label=r["label"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy" if key == "val_accuracy" else "validation MSE (standardized)")
+    if key == "val_loss":
+        ax.set_yscale("log")
+    ax.set_title(f"paper benchmark: {task}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["sarcos", "ablations", "baselines"])
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--sarcos", default=str(SHARED / "datasets" / "sarcos" / "sarcos_inv_test.mat"),
+                        help="SARCOS .mat (the full sarcos_inv.mat when you have it)")
+    args = parser.parse_args()
+    for task in args.tasks:
+        print(f"== {task} ({args.epochs} epochs)", flush=True)
+        CURRENT.update(task=task, epochs=args.epochs, runs=[])
+        runs = TASKS[task](args)
+        final = []
+        for r in runs:
+            last = r["history"][-1]
+            metric = f"acc {100 * last['val_accuracy']:.2f}%" if "val_accuracy" in last else \
+                f"val MSE {last['val_loss']:.4f}"
+            final.append(f"  {r['label']:<28} {metric}  ({r['seconds']:.0f} s, {r['steps']} steps)")
+        print("\n".join(final), flush=True)
+        plot(task, runs, RESULTS / f"paper_{task}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
