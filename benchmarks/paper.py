@@ -21,7 +21,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
 
 from common import RESULTS, SHARED, builtin_artifact, write_json
 from edgezo.runtime import data as data_mod
@@ -73,24 +72,25 @@ def run_sgd(label, model, train, val, batch, epochs, lr=1e-2):
                      "steps": history[-1]["steps"]})
 
 
+def compare(art, model, train, val, batch, epochs, lr, cocd):
+    """Table 1's three rows for one task: CoCD with its settings, BCCD (eps 1e-6), SGD momentum 0.9."""
+    budget = cocd["budget"]
+    return [run("CoCD", art, lambda p: CoCD(p, lr=lr, weight_decay=WD, **cocd), train, val, batch, epochs),
+            run("BCCD", art, lambda p: BCCD(p, lr=lr, eps=1e-6, budget=budget, weight_decay=WD), train, val, batch,
+                epochs),
+            run_sgd("SGD momentum 0.9", model, train, val, batch, epochs)]
+
+
 def task_sarcos(args):
     train, val = sarcos_data(args.sarcos)
     art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
-    return [run("CoCD", art, lambda p: CoCD(p, lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD),
-                train, val, 64, args.epochs),
-            run("BCCD", art, lambda p: BCCD(p, lr=1e-3, eps=1e-6, budget=64, weight_decay=WD), train, val, 64,
-                args.epochs),
-            run_sgd("SGD momentum 0.9", "sarcos-mlp", train, val, 64, args.epochs)]
+    return compare(art, "sarcos-mlp", train, val, 64, args.epochs, 1e-3, dict(eps=1.0, budget=64, gamma=1.0))
 
 
 def task_mnist(args, folder="mnist"):
     train, test = mnist_data(SHARED / "datasets" / folder)
     art = load_artifact(builtin_artifact("mnist-cnn"), device="cpu", threads=2)
-    return [run("CoCD", art, lambda p: CoCD(p, lr=1e-2, eps=0.1, budget=256, gamma=0.99, weight_decay=WD),
-                train, test, 128, args.epochs),
-            run("BCCD", art, lambda p: BCCD(p, lr=1e-2, eps=1e-6, budget=256, weight_decay=WD), train, test, 128,
-                args.epochs),
-            run_sgd("SGD momentum 0.9", "mnist-cnn", train, test, 128, args.epochs)]
+    return compare(art, "mnist-cnn", train, test, 128, args.epochs, 1e-2, dict(eps=0.1, budget=256, gamma=0.99))
 
 
 def task_ablations(args):
