@@ -3,7 +3,8 @@
 loss.onnx is read once into a chain of numpy layers (Gemm, MatMul, bias Add, Conv, Relu, MaxPool,
 BatchNormalization in inference form, Flatten/Reshape). Per step:
 
-1. prefix reuse: one base forward caches every layer's input activation;
+1. prefix reuse: one base forward caches every layer's input activation (one onnxruntime call for
+   chains with convolutions, numpy for Gemm-only chains, where that is faster);
 2. a perturbed weight or bias changes one output unit or channel of its layer (a "block"): it is
    computed directly (eps times one input column, or one shifted input map);
 3. delta propagation: per-channel ops (Relu, MaxPool, BatchNorm, bias, Flatten) keep the change in
@@ -29,20 +30,6 @@ class Unsupported(Exception):
 
 
 # ---------------------------------------------------------------- numpy ops
-
-
-def conv2d(x, w, b, stride, pads):
-    """x [N,C,H,W], w [O,C,kh,kw], pads (top, left, bottom, right) -> [N,O,H',W'] (groups 1, dilation 1)."""
-    t, l, bt, r = pads
-    if any(pads):
-        x = np.pad(x, ((0, 0), (0, 0), (t, bt), (l, r)))
-    kh, kw = w.shape[2:]
-    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
-    out = np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3]))  # [N, H', W', O]
-    out = out.transpose(0, 3, 1, 2)
-    if b is not None:
-        out = out + b[:, None, None]
-    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def maxpool(x, kernel, stride):
@@ -88,8 +75,7 @@ def session_options(threads):
 
 class Layer:
     """One op of the chain. `params` maps a role ("weight", "bias", ...) to a trainable tensor entry."""
-    linear = False      # Gemm / MatMul / Conv: ends a block's sparse stretch
-    channelwise = True  # keeps a change inside its unit or channel
+    linear = False  # Gemm / MatMul / Conv end a block's sparse stretch; the other ops keep a change in its channel
 
     def __init__(self, node, const, params):
         self.node, self.const, self.params = node, const, params
@@ -104,7 +90,6 @@ class Layer:
 
 class Gemm(Layer):
     linear = True
-    channelwise = False
 
     def weight(self, x):
         w = self.value("weight", x)
@@ -133,16 +118,13 @@ class Gemm(Layer):
 
 class Conv(Layer):
     linear = True
-    channelwise = False
 
-    session = None  # onnxruntime's Conv (MLAS) for the dense parts; numpy's im2col where absent
+    session = None  # a one-op onnxruntime Conv session (MLAS), made by make_session
 
     def forward(self, a, x):
         return self.conv(a, self.value("weight", x), self.value("bias", x))
 
     def conv(self, a, w, b):
-        if self.session is None:
-            return conv2d(a, w, b, self.stride, self.pads)
         if b is None:
             b = np.zeros(w.shape[0], np.float32)
         return self.session.run(None, {"X": np.ascontiguousarray(a, np.float32), "W": np.ascontiguousarray(w),
@@ -238,8 +220,6 @@ class BatchNorm(Layer):
 
 
 class Flatten(Layer):
-    flatten = True
-
     def forward(self, a, x):
         return a.reshape(len(a), -1)
 
