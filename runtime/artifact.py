@@ -37,13 +37,13 @@ class Artifact:
         self._engine, self.engine_note = None, None
 
     def fast_engine(self):
-        """The chain engine for this graph, or None (with engine_note saying why) where it does not apply."""
+        """The graph engine for this loss graph, or None (with engine_note saying why) where it does not apply."""
         if self.engine_name == "naive" or self.device != "cpu" or self.engine_note:
             return None
         if self._engine is None:
-            from .engine import ChainEngine, Unsupported
+            from .engine import GraphEngine, Unsupported
             try:
-                self._engine = ChainEngine.build(self.file("loss"), self.manifest,
+                self._engine = GraphEngine.build(self.file("loss"), self.manifest,
                                                  propagate=self.engine_name == "auto",
                                                  memory_mb=self.engine_memory_mb, threads=self.threads)
             except Unsupported as e:

@@ -1,21 +1,25 @@
 """The evaluation engine: all losses of a coordinate probe for a fraction of 2B forward passes.
 
-loss.onnx is read once into a chain of numpy layers (Gemm, MatMul, bias Add, Conv, Relu, MaxPool,
-BatchNormalization in inference form, Flatten/Reshape). Per step:
+loss.onnx is read once into a graph of numpy layers (Gemm, MatMul, bias Add, Conv, Relu, MaxPool,
+BatchNormalization in inference form, Flatten/Reshape, spatial ReduceMean/GlobalAveragePool, and
+the Add of two activations that joins a residual branch). Tensors computed from shapes only (the
+zero conv biases and batch-size Reshapes of the torch exporter) are folded at build time. Per step:
 
-1. prefix reuse: one base forward caches every layer's input activation (one onnxruntime call for
-   chains with convolutions, numpy for Gemm-only chains, where that is faster);
+1. prefix reuse: one base forward caches every layer's output (one onnxruntime call for graphs with
+   convolutions, numpy for Gemm-only graphs, where that is faster);
 2. a perturbed weight or bias changes one output unit or channel of its layer (a "block"): it is
    computed directly (eps times one input column, or one shifted input map);
-3. delta propagation: per-channel ops (Relu, MaxPool, BatchNorm, bias, Flatten) keep the change in
-   that block; the next Gemm/Conv is linear, so its output is the cached base output plus a
-   one-column (one-input-channel) product of the change;
-4. only the rest of the network runs densely on the copies, chunked under a memory cap.
+3. delta propagation: while the changed tensor has one consumer, per-channel ops (Relu, MaxPool,
+   BatchNorm, bias, Flatten, spatial mean, a residual Add with the other input at its base value)
+   keep the change in that block; the next Gemm/Conv is linear, so its output is the cached base
+   output plus a one-column (one-input-channel) product of the change;
+4. only the layers that depend on the changed tensor run densely on the copies (a skip branch that
+   does not keeps its base value), chunked under a memory cap.
 If the block reaches the model output, the loss follows in O(batch x outputs) per copy.
 
 `propagate=False` skips step 3 (the "batched" level: the perturbed layer's full output goes through
-the rest of the network). Graphs that are not such a chain (residual adds, custom losses) are not
-supported: `ChainEngine.build` raises Unsupported and the caller uses the naive path.
+the rest of the network). Other ops and custom losses are not supported: `GraphEngine.build` raises
+Unsupported and the caller uses the naive path.
 """
 import numpy as np
 import onnx
@@ -74,11 +78,20 @@ def session_options(threads):
 
 
 class Layer:
-    """One op of the chain. `params` maps a role ("weight", "bias", ...) to a trainable tensor entry."""
+    """One op of the graph. `params` maps a role ("weight", "bias", ...) to a trainable tensor entry;
+    `inputs` are the names of its activation inputs, `output` the name of its activation output."""
     linear = False  # Gemm / MatMul / Conv end a block's sparse stretch; the other ops keep a change in its channel
 
-    def __init__(self, node, const, params):
+    def __init__(self, node, const, params, inputs):
         self.node, self.const, self.params = node, const, params
+        self.inputs, self.output = inputs, node.output[0]
+
+    def forward_from(self, acts, x):
+        return self.forward(acts[self.inputs[0]], x)
+
+    def copies(self, live, acts, r, x):
+        """This op on R copies (rows stacked [R*N, ...]) of its changed input."""
+        return self.forward(live[self.inputs[0]], x)
 
     def value(self, role, x):
         """The current value of an input tensor: a slice of the flat params, or a constant."""
@@ -227,6 +240,30 @@ class Flatten(Layer):
         return v.reshape(len(v), v.shape[1], -1)
 
 
+class SpatialMean(Layer):
+    """ReduceMean over the two spatial axes, or GlobalAveragePool."""
+
+    def forward(self, a, x):
+        return a.mean(axis=(2, 3), keepdims=self.keepdims)
+
+    def on_block(self, v, channels, size, x):
+        return v.mean(axis=(2, 3), keepdims=True) if self.keepdims else v.mean(axis=(2, 3))[..., None]
+
+
+class Sum(Layer):
+    """Add of two activations (a residual join): a change in one input's channel stays in that channel."""
+
+    def forward_from(self, acts, x):
+        return acts[self.inputs[0]] + acts[self.inputs[1]]
+
+    def copies(self, live, acts, r, x):
+        a, b = (live.get(name) for name in self.inputs)
+        if a is not None and b is not None:
+            return a + b
+        changed, base = (a, acts[self.inputs[1]]) if a is not None else (b, acts[self.inputs[0]])
+        return (changed.reshape(r, *base.shape) + base).reshape(changed.shape)
+
+
 def _feature_params(p, channels, size, v):
     if v.ndim == 4:  # [R, N, H, W] block of a channel
         return p[channels][:, None, None, None]
@@ -234,18 +271,67 @@ def _feature_params(p, channels, size, v):
     return p[cols][:, None, :]
 
 
-# ---------------------------------------------------------------- building the chain
+# ---------------------------------------------------------------- reading the graph
 
 _ROLES = {"Gemm": ("input", "weight", "bias"), "MatMul": ("input", "weight"), "Conv": ("input", "weight", "bias"),
           "BatchNormalization": ("input", "scale", "bias", "mean", "var"), "Add": ("input", "bias")}
+_RANK = {"static": 0, "batch": 1, "param": 2, "data": 3}
 
 
 def _attrs(node):
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-class ChainEngine:
-    """Exact fast losses for coordinate probes on a chain-shaped loss graph."""
+def _kinds(graph, const, params_name, input_name):
+    """The kind of every tensor: 'static' (fixed values), 'batch' (depends on the batch size only),
+    'param' (slices of the flat params), 'data' (depends on the input's values)."""
+    kinds = {name: "static" for name in const}
+    kinds[params_name], kinds[input_name] = "param", "data"
+    for node in graph.node:
+        if node.op_type == "Shape":
+            kind = "batch" if kinds.get(node.input[0]) in ("data", "batch") else "static"
+        elif node.op_type == "CastLike":  # only the second input's dtype is read
+            kind = kinds.get(node.input[0], "data")
+        else:
+            kind = max((kinds.get(n, "data") for n in node.input if n), key=_RANK.get, default="static")
+        for name in node.output:
+            kinds[name] = kind
+    return kinds
+
+
+def _ancestors(nodes, kinds, output):
+    """The data nodes the model output depends on, in graph (topological) order."""
+    needed, kept = {output}, []
+    for node in reversed(nodes):
+        if node.output[0] in needed:
+            kept.append(node)
+            needed.update(n for n in node.input if kinds.get(n) == "data")
+    return kept[::-1]
+
+
+def _extract(model, inputs, outputs):
+    """The subgraph from `inputs` to `outputs` (onnx.utils.Extractor needs every output's type)."""
+    try:
+        return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(inputs, outputs)
+    except ValueError as e:
+        raise Unsupported(f"cannot cut the graph: {e}") from None
+
+
+def _probe_run(model, manifest, names, threads):
+    """Values of `names` at a dummy batch of 2 (zeros): constant-folded tensors and activation shapes."""
+    import onnxruntime as ort
+    x = manifest["inputs"][0]
+    inputs = [manifest["params_input"], x["name"]]
+    sub = _extract(model, inputs, names)
+    session = ort.InferenceSession(sub.SerializeToString(), session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    feed = {inputs[0]: np.zeros(manifest["num_params"], np.float32),
+            inputs[1]: np.zeros([2] + list(x["shape"][1:]), np.float32)}
+    return dict(zip(names, session.run(names, feed)))
+
+
+class GraphEngine:
+    """Exact fast losses for coordinate probes on a loss graph of the ops above (chains and residual DAGs)."""
 
     def __init__(self, layers, manifest, propagate=True, memory_mb=256, base_session=None):
         self.layers, self.manifest, self.base_session = layers, manifest, base_session
@@ -253,14 +339,20 @@ class ChainEngine:
         self.kind = manifest["loss"]["kind"]
         self.input_name = manifest["inputs"][0]["name"]
         self.target_name = manifest["targets"][0]["name"]
+        self.output = manifest["outputs"][0]["name"]
         self.owner = np.empty(manifest["num_params"], np.int64)  # flat index -> layer index
         for j, layer in enumerate(layers):
             for entry in layer.params.values():
                 self.owner[entry["offset"]:entry["offset"] + entry["size"]] = j
+        self.consumers = {}
+        for layer in layers:
+            for name in layer.inputs:
+                self.consumers.setdefault(name, []).append(layer)
+        self._downstream = {}
 
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None):
-        """The engine for loss.onnx at model_path; raises Unsupported where the graph is not a chain."""
+        """The engine for loss.onnx at model_path; raises Unsupported where an op or pattern is not handled."""
         model = onnx.load(str(model_path))
         if manifest["loss"]["kind"] not in ("mse", "cross_entropy"):
             raise Unsupported(f"loss kind {manifest['loss']['kind']!r}")
@@ -271,44 +363,48 @@ class ChainEngine:
         const = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant":
-                const[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"]) if "value" in _attrs(node) \
-                    else np.array(_attrs(node).get("value_ints"))
-        consumers = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
+                attrs = _attrs(node)
+                const[node.output[0]] = numpy_helper.to_array(attrs["value"]) if "value" in attrs \
+                    else np.array(attrs.get("value_ints"))
+        kinds = _kinds(graph, const, manifest["params_input"], manifest["inputs"][0]["name"])
         output = manifest["outputs"][0]["name"]
-        current, layers = manifest["inputs"][0]["name"], []
+        nodes = _ancestors([n for n in graph.node if kinds[n.output[0]] == "data"], kinds, output)
+        folded = sorted({n for node in nodes for n in node.input[1:]
+                         if n and kinds.get(n) == "static" and n not in const and n not in entries})
+        probe = _probe_run(model, manifest, folded + [node.output[0] for node in nodes], threads)
+        const.update({n: probe[n] for n in folded})
         used = set()
-        while current != output:
-            nodes = [n for n in consumers.get(current, []) if n.op_type != "Shape"]
-            if len(nodes) != 1:
-                raise Unsupported(f"tensor {current!r} feeds {len(nodes)} ops (not a chain)")
-            node = nodes[0]
-            layers.append(cls._layer(node, const, entries, used))
-            current = node.output[0]
+        layers = [cls._layer(node, const, entries, used, kinds) for node in nodes]
         if set(entries) - used:
-            raise Unsupported(f"trainable tensors outside the chain: {sorted(set(entries) - used)[:3]}")
+            raise Unsupported(f"trainable tensors outside the handled ops: {sorted(set(entries) - used)[:3]}")
+        for layer in layers:
+            if isinstance(layer, Flatten) and probe[layer.output].shape != (2, probe[layer.output][0].size):
+                raise Unsupported(f"{layer.node.op_type} to shape {probe[layer.output].shape} (only [batch, -1])")
         convs = [layer for layer in layers if isinstance(layer, Conv)]
         for layer in convs:
             layer.make_session(threads)
-        # Convolutions run much faster in onnxruntime; for Gemm-only chains numpy's forward is faster
+        # Convolutions run much faster in onnxruntime; for Gemm-only graphs numpy's forward is faster
         # than a session call (measured: SARCOS MLP 3.4 vs 4.3 ms per step)
-        base = cls._base_session(model, layers, threads) if convs else None
+        base = cls._base_session(model, manifest, layers, threads) if convs else None
         return cls(layers, manifest, propagate, memory_mb, base)
 
     @staticmethod
-    def _base_session(model, layers, threads):
+    def _base_session(model, manifest, layers, threads):
         """onnxruntime computes the base activations (every layer's output) in one call per step."""
         import onnxruntime as ort
-        inputs = [model.graph.input[0].name, layers[0].node.input[0]]  # the flat params and the model input
-        model = onnx.utils.Extractor(model).extract_model(inputs, [layer.node.output[0] for layer in layers])
+        inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
+        model = _extract(model, inputs, [layer.output for layer in layers])
         return ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                     providers=["CPUExecutionProvider"])
 
     @staticmethod
-    def _layer(node, const, entries, used):
+    def _layer(node, const, entries, used, kinds):
         op, attrs = node.op_type, _attrs(node)
+        data = [n for n in node.input if kinds.get(n) == "data"]
+        if op == "Add" and len(data) == 2:
+            return Sum(node, {}, {}, data)
+        if len(data) != 1 or node.input[0] != data[0]:
+            raise Unsupported(f"{op} {node.output[0]!r} with activation inputs {list(node.input)}")
         roles = _ROLES.get(op, ("input",))
         params, consts = {}, {}
         for role, name in zip(roles[1:], node.input[1:]):
@@ -318,57 +414,63 @@ class ChainEngine:
                 params[role] = entries[name]
                 used.add(name)
             elif name in const:
-                consts[role] = const[name].astype(np.float32) if role != "input" else const[name]
+                consts[role] = const[name].astype(np.float32)
             else:
                 raise Unsupported(f"{op} input {name!r} is neither a parameter nor a constant")
         if op == "Gemm":
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                 raise Unsupported("Gemm with transA, alpha or beta")
-            layer = Gemm(node, consts, params)
+            layer = Gemm(node, consts, params, data)
             layer.trans_b = bool(attrs.get("transB", 0))
         elif op == "MatMul":
-            layer = Gemm(node, consts, params)
+            layer = Gemm(node, consts, params, data)
             layer.trans_b = False
         elif op == "Conv":
             if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])):
                 raise Unsupported("grouped or dilated Conv")
             if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 raise Unsupported("Conv auto_pad")
-            layer = Conv(node, consts, params)
+            layer = Conv(node, consts, params, data)
             layer.stride = tuple(attrs.get("strides", [1, 1]))
             layer.pads = tuple(attrs.get("pads", [0, 0, 0, 0]))
             weight = params.get("weight", {}).get("shape") or consts["weight"].shape
             layer.kernel = tuple(attrs.get("kernel_shape", weight[2:]))
         elif op == "Relu":
-            layer = Relu(node, consts, params)
+            layer = Relu(node, consts, params, data)
         elif op == "MaxPool":
             if any(attrs.get("pads", [0] * 4)) or attrs.get("ceil_mode", 0) or \
                     any(d != 1 for d in attrs.get("dilations", [1, 1])):
                 raise Unsupported("MaxPool with padding, ceil mode or dilation")
-            layer = MaxPool(node, consts, params)
+            layer = MaxPool(node, consts, params, data)
             layer.kernel, layer.stride = tuple(attrs["kernel_shape"]), tuple(attrs.get("strides", [1, 1]))
         elif op == "Add" and ("bias" in params or "bias" in consts):
-            layer = Bias(node, consts, params)
+            layer = Bias(node, consts, params, data)
         elif op == "BatchNormalization":
             if attrs.get("training_mode", 0):
                 raise Unsupported("BatchNormalization in training mode")
-            layer = BatchNorm(node, consts, params)
+            layer = BatchNorm(node, consts, params, data)
             layer.eps = np.float32(attrs.get("epsilon", 1e-5))
         elif op in ("Flatten", "Reshape"):
             if op == "Flatten" and attrs.get("axis", 1) != 1:
                 raise Unsupported("Flatten with axis != 1")
-            layer = Flatten(node, {}, {})
+            layer = Flatten(node, {}, {}, data)
+        elif op in ("ReduceMean", "GlobalAveragePool"):
+            axes = attrs.get("axes") if len(node.input) < 2 else const.get(node.input[1])
+            if op == "ReduceMean" and (axes is None or sorted(int(a) % 4 for a in np.ravel(axes)) != [2, 3]):
+                raise Unsupported("ReduceMean over axes other than the two spatial ones")
+            layer = SpatialMean(node, {}, {}, data)
+            layer.keepdims = op == "GlobalAveragePool" or bool(attrs.get("keepdims", 1))
         else:
             raise Unsupported(f"op {op}")
         return layer
 
     # ------------------------------------------------------------ evaluation
 
-    def forward(self, x, a, start=0):
-        """Activations from layer `start` on; returns the list of each layer's input plus the output."""
-        acts = [a]
-        for layer in self.layers[start:]:
-            acts.append(layer.forward(acts[-1], x))
+    def forward(self, x, a0):
+        """Every layer's output at params x and input a0: name -> array."""
+        acts = {self.input_name: a0}
+        for layer in self.layers:
+            acts[layer.output] = layer.forward_from(acts, x)
         return acts
 
     def losses(self, params, probe, inputs, targets):
@@ -380,17 +482,18 @@ class ChainEngine:
         y = y.astype(np.int64) if self.kind == "cross_entropy" else y.astype(np.float64)
         if self.base_session is not None:
             feed = {self.manifest["params_input"]: x, self.input_name: a0}
-            acts = [a0] + self.base_session.run(None, feed)
+            names = [layer.output for layer in self.layers]
+            acts = dict(zip(names, self.base_session.run(names, feed)), **{self.input_name: a0})
         else:
             acts = self.forward(x, a0)
         out = np.empty(len(probe))
         base_rows = probe.delta == 0
         if base_rows.any():
-            out[base_rows] = per_copy_losses(acts[-1][None], y, self.kind)[0]
+            out[base_rows] = per_copy_losses(acts[self.output][None], y, self.kind)[0]
         rows = np.flatnonzero(~base_rows)
         owners = self.owner[probe.index[rows]]
         # rows per chunk, so that blocks, responses and dense copies of a chunk stay under the cap
-        widest = max(a[0].nbytes for a in acts) * len(a0)
+        widest = max(a[0].nbytes for a in acts.values()) * len(a0)
         chunk = int(max(1, self.memory_bytes // (16 * widest)))
         for j in np.unique(owners):
             layer_rows = rows[owners == j]
@@ -408,40 +511,44 @@ class ChainEngine:
                 continue
             element = index[mine] - entry["offset"]
             if isinstance(layer, (Gemm, Conv, Bias)):
-                channels, v = layer.block(acts[j], acts[j + 1], x, role, element, delta[mine])
+                channels, v = layer.block(acts[layer.inputs[0]], acts[layer.output], x, role, element, delta[mine])
             else:
-                channels, v = self._channel_param_block(layer, j, x, acts, role, element, delta[mine])
-            result[mine] = self._propagate(j + 1, x, acts, channels, v, y)
+                channels, v = self._channel_param_block(layer, x, acts, role, element, delta[mine])
+            result[mine] = self._propagate(layer.output, x, acts, channels, v, y)
         return result
 
-    def _channel_param_block(self, layer, j, x, acts, role, element, delta):
+    @staticmethod
+    def _channel_param_block(layer, x, acts, role, element, delta):
         """A per-channel layer's parameter perturbed: recompute its output on that channel only."""
         xs = np.repeat(x[None], len(element), axis=0)
         offset = layer.params[role]["offset"]
         xs[np.arange(len(element)), offset + element] += delta
         channels = element
-        base_in = acts[j][:, channels].transpose(1, 0, 2, 3)
+        base_in = acts[layer.inputs[0]][:, channels].transpose(1, 0, 2, 3)
         v = np.stack([layer.on_block(base_in[r:r + 1], channels[r:r + 1], 1, xs[r])[0] for r in range(len(element))])
         return channels, v
 
-    def _propagate(self, k, x, acts, channels, v, y):
-        """Carry blocks v [R, N, ...] (output channel `channels`) from layer k on; returns R losses."""
+    def _propagate(self, t, x, acts, channels, v, y):
+        """Carry blocks v [R, N, ...] (channel `channels` of tensor t) on; returns R losses."""
         size = int(np.prod(v.shape[2:]))
-        while k < len(self.layers) and self.propagate and not self.layers[k].linear:
-            v = self.layers[k].on_block(v, channels, size, x)
-            size = int(np.prod(v.shape[2:]))
-            k += 1
-        if k == len(self.layers) or not self.propagate:
-            def dense(rows):
-                return self._splice(acts[k], channels[rows], v[rows])
-            start, width = k, acts[k][0].nbytes
-        else:
-            change = v - self._take_block(acts[k], channels, v.shape)
+        while self.propagate and t != self.output and len(self.consumers.get(t, ())) == 1:
+            layer = self.consumers[t][0]
+            if layer.linear:
+                change = v - self._take_block(acts[t], channels, v.shape)
 
-            def dense(rows):
-                return acts[k + 1][None] + self.layers[k].respond(x, channels[rows], size, change[rows])
-            start, width = k + 1, acts[k + 1][0].nbytes
-        return self._dense_losses(start, x, dense, len(channels), acts[0].shape[0] * width, y)
+                def dense(rows):
+                    return acts[layer.output][None] + layer.respond(x, channels[rows], size, change[rows])
+                return self._dense_losses(layer.output, x, acts, dense, len(channels), y)
+            if isinstance(layer, Sum):
+                other = layer.inputs[1] if layer.inputs[0] == t else layer.inputs[0]
+                v = v + self._take_block(acts[other], channels, v.shape)
+            else:
+                v = layer.on_block(v, channels, size, x)
+            size, t = int(np.prod(v.shape[2:])), layer.output
+
+        def spliced(rows):
+            return self._splice(acts[t], channels[rows], v[rows])
+        return self._dense_losses(t, x, acts, spliced, len(channels), y)
 
     @staticmethod
     def _take_block(a, channels, shape):
@@ -464,16 +571,36 @@ class ChainEngine:
             copies[r[:, None], :, cols] = v.reshape(len(r), a.shape[0], size).transpose(0, 2, 1)
         return copies
 
-    def _dense_losses(self, k, x, dense, copies, copy_bytes, y):
-        """Copies dense(rows) [len(rows), N, ...] through layers k.., chunked under the memory cap; losses."""
-        per_copy = copy_bytes * 16 + 1  # room for the widest activation and conv windows
-        chunk = int(max(1, min(copies, self.memory_bytes // per_copy)))
+    def downstream(self, start):
+        """The layers that depend on tensor `start`, in order, each with the tensors last used by it."""
+        if start not in self._downstream:
+            changed, layers = {start}, []
+            for layer in self.layers:
+                if any(name in changed for name in layer.inputs):
+                    layers.append(layer)
+                    changed.add(layer.output)
+            last = {}
+            for k, layer in enumerate(layers):
+                last.update({name: k for name in layer.inputs if name in changed})
+            drops = [[name for name, k2 in last.items() if k2 == k and name != self.output]
+                     for k in range(len(layers))]
+            self._downstream[start] = list(zip(layers, drops))
+        return self._downstream[start]
+
+    def _dense_losses(self, start, x, acts, dense, copies, y):
+        """Copies dense(rows) [len(rows), N, ...] of tensor `start` through the layers that depend on it,
+        chunked under the memory cap; their losses. The other inputs of those layers keep base values."""
+        widest = max(a.nbytes for a in acts.values())
+        chunk = int(max(1, min(copies, self.memory_bytes // (16 * widest + 1))))  # room for live tensors, windows
         out = np.empty(copies)
         for s in range(0, copies, chunk):
             part = dense(np.arange(s, min(s + chunk, copies)))
-            N = part.shape[1]
-            a = part.reshape(len(part) * N, *part.shape[2:])
-            for layer in self.layers[k:]:
-                a = layer.forward(a, x)
-            out[s:s + chunk] = per_copy_losses(a.reshape(len(part), N, *a.shape[1:]), y, self.kind)
+            r, n = part.shape[:2]
+            live = {start: part.reshape(r * n, *part.shape[2:])}
+            for layer, drops in self.downstream(start):
+                live[layer.output] = layer.copies(live, acts, r, x)
+                for name in drops:
+                    del live[name]
+            result = live[self.output]
+            out[s:s + chunk] = per_copy_losses(result.reshape(r, n, *result.shape[1:]), y, self.kind)
         return out

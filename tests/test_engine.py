@@ -12,7 +12,7 @@ def probes(artifact, budget, eps, central=True, every=1):
     """Probes over a full cycle of coordinates (every `every`-th step), the last wrapping to the first."""
     opt = CoCD(artifact.initial_params(), lr=0.0, eps=eps, budget=budget, central=central)
     steps = -(-artifact.num_params // budget)
-    for step in range(0, steps, every):
+    for step in sorted(set(range(0, steps, every)) | {steps - 1}):
         opt.refreshed = step * budget
         probe = opt.ask()
         opt.discard()
@@ -72,13 +72,54 @@ def test_one_sided_and_small_budget(mlp_artifact, cnn_artifact):
                        central=False)
 
 
-def test_engine_falls_back_where_the_graph_is_not_a_chain(tmp_path):
+def test_residual_graph_full_cycle(tmp_path):
+    """An imported conv/BatchNorm/residual-Add/GlobalAveragePool model, every tensor trainable."""
     from test_onnx_import import conv_bn_residual
     from edgezo.exporters.onnx_import import export_onnx
     path, _, _ = conv_bn_residual(tmp_path)
-    art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=["c1_w", "fc_w"])
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=["*"])
+    x, y = np.random.default_rng(3).standard_normal((5, 2, 6, 6)).astype(np.float32), np.array([0, 1, 2, 1, 0])
+    naive = load_artifact(art, device="cpu", engine="naive")
+    params = naive.initial_params()
+    for engine in ("auto", "batched"):
+        fast = load_artifact(art, device="cpu", engine=engine)
+        assert fast.fast_engine() is not None, fast.engine_note
+        for probe in probes(fast, 7, 1e-2):
+            check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 7)
+
+
+def test_resnet20_sampled_steps(tmp_path):
+    """ResNet-20 (272k params, BatchNorm in inference form, projection shortcuts): steps spread over the
+    coordinate cycle, the last one wrapping to coordinate 0."""
+    from conftest import run_cli
+    run_cli("export", "--model", "resnet20", "--out", str(tmp_path / "r20"), check=True)
+    fast = load_artifact(tmp_path / "r20", device="cpu")
+    naive = load_artifact(tmp_path / "r20", device="cpu", engine="naive")
+    assert fast.fast_engine() is not None, fast.engine_note
+    x, y = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32), np.array([3, 7])
+    params = fast.initial_params()
+    n_steps = 0
+    for probe in probes(fast, 32, 1e-2, every=997):
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 32)
+        n_steps += 1
+    assert n_steps == 10  # 8,515 steps of 32: every 997th and the last
+
+
+def test_engine_falls_back_where_an_op_is_not_handled(tmp_path):
+    from test_onnx_import import init, save
+    from onnx import helper
+    from edgezo.exporters.onnx_import import export_onnx
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Sigmoid", ["h"], ["s"]),
+             helper.make_node("Gemm", ["s", "w2", "b2"], ["out"], transB=1)]
+    path = save(tmp_path, nodes, [init("w1", 8, 4), init("b1", 8), init("w2", 3, 8), init("b2", 3)], ["N", 4],
+                ["N", 3])
+    art = export_onnx(path, tmp_path / "art", "mse", trainable=["*"])
     artifact = load_artifact(art, device="cpu")
-    assert artifact.fast_engine() is None and "not a chain" in artifact.engine_note
+    assert artifact.fast_engine() is None and "op Sigmoid" in artifact.engine_note
+    x, y = np.ones((3, 4), np.float32), np.zeros((3, 3), np.float32)
+    probe = next(probes(artifact, 5, 1e-2))
+    assert np.allclose(artifact.losses(artifact.initial_params(), probe, x, y),
+                       load_artifact(art, device="cpu", engine="naive").losses(artifact.initial_params(), probe, x, y))
     with pytest.raises(EdgezoError, match="--engine batched does not apply"):
         load_artifact(art, device="cpu", engine="batched").fast_engine()
     with pytest.raises(EdgezoError, match="--engine must be one of"):
