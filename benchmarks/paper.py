@@ -14,7 +14,12 @@ All runs: weight decay 1e-4. SARCOS inputs and torques are standardized with the
 statistics (validation loss is MSE of standardized torques). Writes benchmarks/results/paper_<task>.json
 and paper_<task>.png.
 
+The paper's SARCOS runs use the full training split (44,484 rows: 696 steps per epoch); the 4,449-row
+split in ../shared gives 56. --match-paper-steps runs the SARCOS tasks for as many epochs as the paper's
+step count needs (50 paper epochs = 34,800 steps = 622 epochs of the small split).
+
 Usage: python benchmarks/paper.py --tasks sarcos ablations baselines [--epochs 50]
+       python benchmarks/paper.py --tasks sarcos ablations baselines --match-paper-steps
        python benchmarks/paper.py --tasks mnist --epochs 50     (about 30 s per CoCD epoch on 2 cores)
 """
 import argparse
@@ -29,13 +34,25 @@ from edgezo.runtime.optim import BCCD, SPSA, ZOSGD, CoCD, MeZOSGD
 from edgezo.runtime.train import fit
 
 WD = 1e-4
-CURRENT = {"task": None, "epochs": None, "runs": []}  # written after every run, so a long task keeps its results
+PAPER_SARCOS_TRAIN_ROWS = 44_484
+CURRENT = {"task": None, "name": None, "epochs": None, "runs": []}  # written after every run, so a long task keeps its results
 
 
 def finished(result):
     CURRENT["runs"].append(result)
-    write_json(f"paper_{CURRENT['task']}", CURRENT)
+    write_json(CURRENT["name"], CURRENT)
     return result
+
+
+def sarcos_epochs(args, train, batch=64):
+    """--epochs, or with --match-paper-steps the epochs of this split that make the paper's step count."""
+    if not args.match_paper_steps:
+        return args.epochs
+    paper_steps = args.epochs * data_mod.batches_per_epoch(PAPER_SARCOS_TRAIN_ROWS, batch)
+    per_epoch = data_mod.batches_per_epoch(data_mod.num_rows(train), batch)
+    epochs = -(-paper_steps // per_epoch)
+    print(f"  --match-paper-steps: {epochs} epochs of {per_epoch} steps ~ {paper_steps} paper steps", flush=True)
+    return epochs
 
 
 def sarcos_data(path, seed=0):
@@ -84,7 +101,8 @@ def compare(art, model, train, val, batch, epochs, lr, cocd):
 def task_sarcos(args):
     train, val = sarcos_data(args.sarcos)
     art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
-    return compare(art, "sarcos-mlp", train, val, 64, args.epochs, 1e-3, dict(eps=1.0, budget=64, gamma=1.0))
+    return compare(art, "sarcos-mlp", train, val, 64, sarcos_epochs(args, train), 1e-3,
+                   dict(eps=1.0, budget=64, gamma=1.0))
 
 
 def task_mnist(args, folder="mnist"):
@@ -97,7 +115,7 @@ def task_ablations(args):
     train, val = sarcos_data(args.sarcos)
     art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
     base = dict(lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD)
-    n = art.num_params
+    n, epochs = art.num_params, sarcos_epochs(args, train)
     variants = [("eps", v) for v in (0.1, 1.0, 3.0)] + [("gamma", v) for v in (0.0, 0.9, 0.99, 1.0)] + \
         [("budget", v) for v in (16, 64, 256)] + [("M", v) for v in (1.0, 0.5, 0.25)]
     runs = []
@@ -107,21 +125,22 @@ def task_ablations(args):
             settings["memory"] = max(1, int(round(value * n)))
         else:
             settings[key] = value
-        runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, 64, args.epochs))
+        runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, 64, epochs))
     return runs
 
 
 def task_baselines(args):
     train, val = sarcos_data(args.sarcos)
     art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
+    epochs = sarcos_epochs(args, train)
     return [run("CoCD B=32 (64 evals)", art, lambda p: CoCD(p, lr=1e-3, eps=1.0, budget=32, weight_decay=WD),
-                train, val, 64, args.epochs),
+                train, val, 64, epochs),
             run("SPSA q=32 (64 evals)", art, lambda p: SPSA(p, lr=1e-4, mu=1e-2, directions=32), train, val, 64,
-                args.epochs),
+                epochs),
             run("ZO-SGD q=63 (64 evals)", art, lambda p: ZOSGD(p, lr=1e-4, mu=1e-2, directions=63), train, val, 64,
-                args.epochs),
+                epochs),
             run("MeZO-SGD q=32 (64 evals)", art, lambda p: MeZOSGD(p, lr=1e-4, mu=1e-2, directions=32), train, val,
-                64, args.epochs)]
+                64, epochs)]
 
 
 TASKS = {"sarcos": task_sarcos, "mnist": task_mnist, "fashion": lambda a: task_mnist(a, "fashion-mnist"),
@@ -151,12 +170,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["sarcos", "ablations", "baselines"])
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--match-paper-steps", action="store_true",
+                        help="SARCOS tasks: run the paper's number of optimizer steps (more epochs of a small split)")
     parser.add_argument("--sarcos", default=str(SHARED / "datasets" / "sarcos" / "sarcos_inv_test.mat"),
                         help="SARCOS .mat (the full sarcos_inv.mat when you have it)")
     args = parser.parse_args()
     for task in args.tasks:
         print(f"== {task} ({args.epochs} epochs)", flush=True)
-        CURRENT.update(task=task, epochs=args.epochs, runs=[])
+        matched = args.match_paper_steps and task in ("sarcos", "ablations", "baselines")
+        name = f"paper_{task}" + ("_paper_steps" if matched else "")
+        CURRENT.update(task=task, name=name, epochs=args.epochs, match_paper_steps=matched, runs=[])
         runs = TASKS[task](args)
         final = []
         for r in runs:
@@ -165,7 +188,7 @@ def main():
                 f"val MSE {last['val_loss']:.4f}"
             final.append(f"  {r['label']:<28} {metric}  ({r['seconds']:.0f} s, {r['steps']} steps)")
         print("\n".join(final), flush=True)
-        plot(task, runs, RESULTS / f"paper_{task}.png")
+        plot(task, runs, RESULTS / f"{name}.png")
     return 0
 
 
