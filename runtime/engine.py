@@ -333,8 +333,9 @@ def _probe_run(model, manifest, names, threads):
 class GraphEngine:
     """Exact fast losses for coordinate probes on a loss graph of the ops above (chains and residual DAGs)."""
 
-    def __init__(self, layers, manifest, propagate=True, memory_mb=256, base_session=None):
+    def __init__(self, layers, manifest, propagate=True, memory_mb=256, base_session=None, sample_bytes=0):
         self.layers, self.manifest, self.base_session = layers, manifest, base_session
+        self.sample_bytes = sample_bytes  # the widest activation of one sample, in bytes
         self.propagate, self.memory_bytes = propagate, memory_mb * 2 ** 20
         self.kind = manifest["loss"]["kind"]
         self.input_name = manifest["inputs"][0]["name"]
@@ -348,7 +349,7 @@ class GraphEngine:
         for layer in layers:
             for name in layer.inputs:
                 self.consumers.setdefault(name, []).append(layer)
-        self._downstream = {}
+        self._downstream, self._needs = {}, {}
 
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None):
@@ -386,7 +387,8 @@ class GraphEngine:
         # Convolutions run much faster in onnxruntime; for Gemm-only graphs numpy's forward is faster
         # than a session call (measured: SARCOS MLP 3.4 vs 4.3 ms per step)
         base = cls._base_session(model, manifest, layers, threads) if convs else None
-        return cls(layers, manifest, propagate, memory_mb, base)
+        widest = max(probe[layer.output].nbytes // 2 for layer in layers)
+        return cls(layers, manifest, propagate, memory_mb, base, widest)
 
     @staticmethod
     def _base_session(model, manifest, layers, threads):
@@ -482,7 +484,9 @@ class GraphEngine:
         y = y.astype(np.int64) if self.kind == "cross_entropy" else y.astype(np.float64)
         if self.base_session is not None:
             feed = {self.manifest["params_input"]: x, self.input_name: a0}
-            names = [layer.output for layer in self.layers]
+            # only the activations this step's layers read: onnxruntime frees the others as it goes
+            names = sorted(set().union({self.output}, *(self.needs(j) for j in np.unique(self.owner[probe.index])))
+                           - {self.input_name})
             acts = dict(zip(names, self.base_session.run(names, feed)), **{self.input_name: a0})
         else:
             acts = self.forward(x, a0)
@@ -493,7 +497,7 @@ class GraphEngine:
         rows = np.flatnonzero(~base_rows)
         owners = self.owner[probe.index[rows]]
         # rows per chunk, so that blocks, responses and dense copies of a chunk stay under the cap
-        widest = max(a[0].nbytes for a in acts.values()) * len(a0)
+        widest = self.sample_bytes * len(a0)
         chunk = int(max(1, self.memory_bytes // (16 * widest)))
         for j in np.unique(owners):
             layer_rows = rows[owners == j]
@@ -571,6 +575,23 @@ class GraphEngine:
             copies[r[:, None], :, cols] = v.reshape(len(r), a.shape[0], size).transpose(0, 2, 1)
         return copies
 
+    def needs(self, j):
+        """The base activations that perturbing layer j's parameters reads (see _propagate)."""
+        if j not in self._needs:
+            layer = self.layers[j]
+            names, t = set(layer.inputs) | {layer.output}, layer.output
+            while self.propagate and t != self.output and len(self.consumers.get(t, ())) == 1:
+                layer = self.consumers[t][0]
+                names |= set(layer.inputs) | {layer.output}
+                t = layer.output
+                if layer.linear:
+                    break
+            changed = {t} | {later.output for later, _ in self.downstream(t)}
+            for later, _ in self.downstream(t):
+                names |= {name for name in later.inputs if name not in changed}
+            self._needs[j] = names
+        return self._needs[j]
+
     def downstream(self, start):
         """The layers that depend on tensor `start`, in order, each with the tensors last used by it."""
         if start not in self._downstream:
@@ -590,7 +611,7 @@ class GraphEngine:
     def _dense_losses(self, start, x, acts, dense, copies, y):
         """Copies dense(rows) [len(rows), N, ...] of tensor `start` through the layers that depend on it,
         chunked under the memory cap; their losses. The other inputs of those layers keep base values."""
-        widest = max(a.nbytes for a in acts.values())
+        widest = self.sample_bytes * len(acts[self.input_name])
         chunk = int(max(1, min(copies, self.memory_bytes // (16 * widest + 1))))  # room for live tensors, windows
         out = np.empty(copies)
         for s in range(0, copies, chunk):
