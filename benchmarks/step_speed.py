@@ -4,7 +4,8 @@ authors' reference does it (in place +eps, -2eps, +eps; one forward each), measu
 The engine paths are timed on every step of one full coordinate cycle (each layer counts by its
 share of the coordinates); the naive path and the torch reference, whose cost does not depend on
 the step, on steps spread across the cycle and a sample of probe rows, scaled to 2B rows (said so in
-the output). Writes benchmarks/results/step_speed.json.
+the output). ResNet-20's engine paths (a cycle is 133 steps of 4,096 rows) are timed like the naive
+path, on the spread steps and a row sample. Writes benchmarks/results/step_speed.json.
 
 Usage: python benchmarks/step_speed.py [--models mlp cnn resnet20] [--steps 12]
 Run it alone: other work on a 2-core machine distorts timings.
@@ -17,10 +18,11 @@ import numpy as np
 
 from common import RESULTS, builtin_artifact, write_json
 
-CASES = {  # name: (built-in model, budget B, batch, input shape, classes or None for 7 regression targets)
-    "mlp": ("sarcos-mlp", 64, 64, (21,), None),
-    "cnn": ("mnist-cnn", 256, 128, (1, 28, 28), 10),
-    "resnet20": ("resnet20", 2048, 128, (3, 32, 32), 10),
+CASES = {  # name: (built-in model, budget B, batch, input shape, classes or None for 7 regression targets,
+    #        engine rows timed per step or None for the full cycle)
+    "mlp": ("sarcos-mlp", 64, 64, (21,), None, None),
+    "cnn": ("mnist-cnn", 256, 128, (1, 28, 28), 10, None),
+    "resnet20": ("resnet20", 2048, 128, (3, 32, 32), 10, 64),
 }
 TARGET_MS = {"mlp": 1.0, "cnn": 60.0}
 
@@ -71,7 +73,7 @@ def torch_reference_ms(artifact_dir, probes, x, y, classes, rows):
 def bench(name, steps, sample):
     from edgezo.runtime import EdgezoError, load_artifact
     from edgezo.runtime.optim import CoCD
-    model, budget, batch, shape, classes = CASES[name]
+    model, budget, batch, shape, classes, engine_rows = CASES[name]
     path = builtin_artifact(model)
     rng = np.random.default_rng(0)
     x = rng.random((batch, *shape), dtype=np.float32)
@@ -101,9 +103,9 @@ def bench(name, steps, sample):
             result[f"{engine}_ms"], result[f"{engine}_note"] = None, note
             print(f"  {name} {engine:8s} not applicable: {note}", flush=True)
             continue
-        rows = sample if engine == "naive" else None
+        rows = sample if engine == "naive" else engine_rows
         art.losses(params, sample_rows(probes[0], 8), x, y)  # warm up
-        timed_probes = probes if engine == "naive" else full_cycle
+        timed_probes = probes if rows else full_cycle
         total = 0.0
         for probe in timed_probes:
             p = sample_rows(probe, rows) if rows and rows < len(probe) else probe

@@ -50,16 +50,15 @@ def maxpool(x, kernel, stride):
     return out
 
 
-def per_copy_losses(out, target, kind):
-    """out [R, N, ...] model outputs of R copies -> R losses (float64)."""
+def per_sample_losses(out, target, kind):
+    """out [P, ...] model outputs of P samples, target [P, ...] -> P losses (float64). The batch loss
+    (mean over samples, and over outputs for mse) is their mean."""
     if kind == "mse":
         diff = out.astype(np.float64) - target
         return (diff * diff).reshape(len(out), -1).mean(axis=1)
     z = out.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
-    logsumexp = np.log(np.exp(z).sum(axis=-1))
-    picked = np.take_along_axis(z, target[None, :, None], axis=-1)[..., 0]
-    return (logsumexp - picked).mean(axis=1)
+    return np.log(np.exp(z).sum(axis=-1)) - np.take_along_axis(z, target[:, None], axis=-1)[:, 0]
 
 
 def session_options(threads):
@@ -89,8 +88,8 @@ class Layer:
     def forward_from(self, acts, x):
         return self.forward(acts[self.inputs[0]], x)
 
-    def copies(self, live, acts, r, x):
-        """This op on R copies (rows stacked [R*N, ...]) of its changed input."""
+    def copies(self, live, acts, samples, x):
+        """This op on the changed rows of its input; row p is a copy of base sample samples[p]."""
         return self.forward(live[self.inputs[0]], x)
 
     def value(self, role, x):
@@ -256,12 +255,12 @@ class Sum(Layer):
     def forward_from(self, acts, x):
         return acts[self.inputs[0]] + acts[self.inputs[1]]
 
-    def copies(self, live, acts, r, x):
+    def copies(self, live, acts, samples, x):
         a, b = (live.get(name) for name in self.inputs)
         if a is not None and b is not None:
             return a + b
         changed, base = (a, acts[self.inputs[1]]) if a is not None else (b, acts[self.inputs[0]])
-        return (changed.reshape(r, *base.shape) + base).reshape(changed.shape)
+        return changed + base[samples]
 
 
 def _feature_params(p, channels, size, v):
@@ -493,7 +492,7 @@ class GraphEngine:
         out = np.empty(len(probe))
         base_rows = probe.delta == 0
         if base_rows.any():
-            out[base_rows] = per_copy_losses(acts[self.output][None], y, self.kind)[0]
+            out[base_rows] = per_sample_losses(acts[self.output], y, self.kind).mean()
         rows = np.flatnonzero(~base_rows)
         owners = self.owner[probe.index[rows]]
         # rows per chunk, so that blocks, responses and dense copies of a chunk stay under the cap
@@ -610,18 +609,26 @@ class GraphEngine:
 
     def _dense_losses(self, start, x, acts, dense, copies, y):
         """Copies dense(rows) [len(rows), N, ...] of tensor `start` through the layers that depend on it,
-        chunked under the memory cap; their losses. The other inputs of those layers keep base values."""
+        chunked under the memory cap; their losses. The other inputs of those layers keep base values.
+
+        Every layer works per sample, so a copy's sample whose `start` row equals the base row (a ReLU
+        that stays off, a zero input) keeps its base loss: only the changed (copy, sample) rows run."""
         widest = self.sample_bytes * len(acts[self.input_name])
         chunk = int(max(1, min(copies, self.memory_bytes // (16 * widest + 1))))  # room for live tensors, windows
+        base = per_sample_losses(acts[self.output], y, self.kind)
         out = np.empty(copies)
         for s in range(0, copies, chunk):
             part = dense(np.arange(s, min(s + chunk, copies)))
             r, n = part.shape[:2]
-            live = {start: part.reshape(r * n, *part.shape[2:])}
+            copy, sample = np.nonzero((part != acts[start][None]).reshape(r, n, -1).any(axis=2))
+            if copy.size == 0:  # no copy changed any sample: all keep the base loss
+                out[s:s + chunk] = base.mean()
+                continue
+            live = {start: part[copy, sample]}
             for layer, drops in self.downstream(start):
-                live[layer.output] = layer.copies(live, acts, r, x)
+                live[layer.output] = layer.copies(live, acts, sample, x)
                 for name in drops:
                     del live[name]
-            result = live[self.output]
-            out[s:s + chunk] = per_copy_losses(result.reshape(r, n, *result.shape[1:]), y, self.kind)
+            change = per_sample_losses(live[self.output], y[sample], self.kind) - base[sample]
+            out[s:s + chunk] = (base.sum() + np.bincount(copy, weights=change, minlength=r)) / n
         return out
