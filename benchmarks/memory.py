@@ -3,9 +3,8 @@
 SARCOS MLP, MNIST CNN and ResNet-20 at batch 128, each method in a fresh process (edgezo.profile_worker),
 a few steps each. Reported: peak RSS rise over the post-import baseline and the ratio CoCD / Adam
 (target for ResNet-20: <= 1/3). CoCD runs with the engine's chunk cap given by --engine-memory-mb
-(the memory-lean setting; the engine trades memory for speed above it). ResNet-20 has no fast engine
-path (residual graph), so its CoCD steps evaluate one perturbation per call; B is small there since
-memory does not depend on it. Writes benchmarks/results/memory.json and memory.png.
+and with --lean-memory (the memory-lean setting; the engine trades memory for speed above it). B is
+small for ResNet-20: the engine's chunks, not B, set the memory. Writes benchmarks/results/memory.json and memory.png.
 
 Usage: python benchmarks/memory.py [--models mlp cnn resnet20] [--engine-memory-mb 32]
 """
@@ -21,7 +20,8 @@ CASES = {"mlp": ("sarcos-mlp", 64, 5), "cnn": ("mnist-cnn", 64, 3), "resnet20": 
 
 def worker(method, artifact, budget, steps, engine_mb, batch):
     config = {"method": method, "artifact": str(artifact), "batch_size": batch, "steps": steps, "device": "cpu",
-              "budget": budget, "memory_fraction": 1.0, "engine_memory_mb": engine_mb, "threads": 2}
+              "budget": budget, "memory_fraction": 1.0, "engine_memory_mb": engine_mb, "threads": 2,
+              "lean_memory": method == "cocd"}
     out = subprocess.run([sys.executable, "-m", "edgezo.profile_worker", json.dumps(config)], capture_output=True,
                          text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])

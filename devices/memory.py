@@ -21,3 +21,17 @@ def peak_rss_mb(pid="self"):
 def rss_mb(pid="self"):
     kb = _status_kb("VmRSS", pid)
     return None if kb is None else kb / 1024
+
+
+def return_freed_memory():
+    """glibc: serve allocations over 128 KiB with mmap and give them back to the OS when freed.
+
+    By default glibc raises that threshold after each large free (up to 32 MiB), so freed activations
+    stay in its per-thread heaps and the peak RSS grows to a multiple of the live data (the ResNet-20
+    engine at batch 128: 356 vs 194 MiB). The cost is a page fault per new large array (about 20% on
+    the SARCOS MLP engine). Process-wide; returns False where the C library is not glibc."""
+    import ctypes
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

@@ -53,7 +53,7 @@ def run_edgezo(cfg, manifest, data, mark):
     from edgezo.runtime import CoCD, load_artifact
     from edgezo.runtime.train import steps
     artifact = load_artifact(cfg["artifact"], device=cfg["device"], threads=cfg.get("threads"),
-                             engine_memory_mb=cfg["engine_memory_mb"])
+                             engine_memory_mb=cfg["engine_memory_mb"], lean_memory=cfg.get("lean_memory", False))
     if cfg["method"] == "inference":
         import onnxruntime as ort
         from edgezo.devices import providers_for

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from ..devices import active_device, make_session
+from ..devices.memory import return_freed_memory
 from . import manifest as manifest_mod
 from .errors import EdgezoError, check
 from .files import load_params
@@ -16,7 +17,7 @@ NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "i
 class Artifact:
     """An exported model: `initial_params()`, `loss(...)`, `losses(...)`, `outputs(...)`."""
 
-    def __init__(self, path, device="auto", threads=None, engine="auto", engine_memory_mb=256):
+    def __init__(self, path, device="auto", threads=None, engine="auto", engine_memory_mb=256, lean_memory=False):
         self.path = Path(path)
         check(self.path.is_dir(), f"artifact {self.path} is not a folder")
         self.manifest = manifest_mod.read(self.path / "manifest.json")
@@ -34,6 +35,8 @@ class Artifact:
         check(engine in ENGINES, f"--engine must be one of {list(ENGINES)}, got {engine!r}")
         check(engine_memory_mb > 0, f"--engine-memory-mb must be > 0, got {engine_memory_mb}")
         self.engine_name, self.engine_memory_mb = engine, engine_memory_mb
+        if lean_memory:  # freed activations go back to the OS at once: a lower peak, some speed lost
+            check(return_freed_memory(), "--lean-memory needs glibc's mallopt (Linux); this C library has none")
         self._engine, self.engine_note = None, None
 
     def fast_engine(self):
@@ -160,11 +163,14 @@ class Artifact:
         return np.array([self._run(perturbed(base, probe, p), feed)[0] for p in range(len(probe))])
 
 
-def load_artifact(path, device="auto", backend="onnxruntime", threads=None, engine="auto", engine_memory_mb=256):
-    """Open an artifact folder for training. `device`: auto|cpu|cuda; `engine`: auto|batched|naive."""
+def load_artifact(path, device="auto", backend="onnxruntime", threads=None, engine="auto", engine_memory_mb=256,
+                  lean_memory=False):
+    """Open an artifact folder for training. `device`: auto|cpu|cuda; `engine`: auto|batched|naive;
+    `lean_memory`: return freed memory to the OS at once (devices.memory.return_freed_memory)."""
     if backend == "executorch":  # ExecuTorch's Python runtime loads torch's libraries: kept out of runtime/
         from ..executorch_backend import ExecutorchArtifact
         return ExecutorchArtifact(path, device=device, threads=threads)
     if backend != "onnxruntime":
         raise EdgezoError(f"--backend must be 'onnxruntime' or 'executorch', got {backend!r}")
-    return Artifact(path, device=device, threads=threads, engine=engine, engine_memory_mb=engine_memory_mb)
+    return Artifact(path, device=device, threads=threads, engine=engine, engine_memory_mb=engine_memory_mb,
+                    lean_memory=lean_memory)

@@ -63,9 +63,11 @@ def per_sample_losses(out, target, kind):
 
 def session_options(threads):
     """onnxruntime options for the engine's sessions. Spinning is off: onnxruntime's idle threads would
-    otherwise busy-wait after each call and starve numpy's BLAS threads that run next."""
+    otherwise busy-wait after each call and starve numpy's BLAS threads that run next. The memory arena
+    is off: each session would keep its own peak (ResNet-20's 21 one-op conv sessions held 460 MB)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
@@ -308,32 +310,40 @@ def _ancestors(nodes, kinds, output):
     return kept[::-1]
 
 
-def _extract(model, inputs, outputs):
-    """The subgraph from `inputs` to `outputs` (onnx.utils.Extractor needs every output's type)."""
-    try:
-        return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(inputs, outputs)
-    except ValueError as e:
-        raise Unsupported(f"cannot cut the graph: {e}") from None
+class Subgraphs:
+    """Sessions for parts of loss.onnx from the flat params and the model input to given tensors, made
+    on first use and cached (the few most recent). A session computes only what its outputs need."""
 
+    def __init__(self, model, manifest, threads, keep=8):
+        self.extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+        self.inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
+        self.threads, self.keep, self.sessions = threads, keep, {}
 
-def _probe_run(model, manifest, names, threads):
-    """Values of `names` at a dummy batch of 2 (zeros): constant-folded tensors and activation shapes."""
-    import onnxruntime as ort
-    x = manifest["inputs"][0]
-    inputs = [manifest["params_input"], x["name"]]
-    sub = _extract(model, inputs, names)
-    session = ort.InferenceSession(sub.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    feed = {inputs[0]: np.zeros(manifest["num_params"], np.float32),
-            inputs[1]: np.zeros([2] + list(x["shape"][1:]), np.float32)}
-    return dict(zip(names, session.run(names, feed)))
+    def session(self, names):
+        import onnxruntime as ort
+        key = tuple(names)
+        session = self.sessions.pop(key, None)
+        if session is None:
+            try:
+                model = self.extractor.extract_model(self.inputs, list(names))
+            except ValueError as e:  # Extractor needs every output's type
+                raise Unsupported(f"cannot cut the graph: {e}") from None
+            session = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
+                                           providers=["CPUExecutionProvider"])
+        self.sessions[key] = session
+        if len(self.sessions) > self.keep:
+            del self.sessions[next(iter(self.sessions))]
+        return session
+
+    def run(self, names, params, a0):
+        return dict(zip(names, self.session(names).run(list(names), {self.inputs[0]: params, self.inputs[1]: a0})))
 
 
 class GraphEngine:
     """Exact fast losses for coordinate probes on a loss graph of the ops above (chains and residual DAGs)."""
 
-    def __init__(self, layers, manifest, propagate=True, memory_mb=256, base_session=None, sample_bytes=0):
-        self.layers, self.manifest, self.base_session = layers, manifest, base_session
+    def __init__(self, layers, manifest, propagate=True, memory_mb=256, subgraphs=None, sample_bytes=0):
+        self.layers, self.manifest, self.subgraphs = layers, manifest, subgraphs
         self.sample_bytes = sample_bytes  # the widest activation of one sample, in bytes
         self.propagate, self.memory_bytes = propagate, memory_mb * 2 ** 20
         self.kind = manifest["loss"]["kind"]
@@ -371,7 +381,10 @@ class GraphEngine:
         nodes = _ancestors([n for n in graph.node if kinds[n.output[0]] == "data"], kinds, output)
         folded = sorted({n for node in nodes for n in node.input[1:]
                          if n and kinds.get(n) == "static" and n not in const and n not in entries})
-        probe = _probe_run(model, manifest, folded + [node.output[0] for node in nodes], threads)
+        # one run at a dummy batch of 2 (zeros): the folded tensors' values and every activation's shape
+        subgraphs = Subgraphs(model, manifest, threads)
+        probe = subgraphs.run(folded + [node.output[0] for node in nodes], np.zeros(manifest["num_params"], np.float32),
+                              np.zeros([2] + list(manifest["inputs"][0]["shape"][1:]), np.float32))
         const.update({n: probe[n] for n in folded})
         used = set()
         layers = [cls._layer(node, const, entries, used, kinds) for node in nodes]
@@ -385,18 +398,9 @@ class GraphEngine:
             layer.make_session(threads)
         # Convolutions run much faster in onnxruntime; for Gemm-only graphs numpy's forward is faster
         # than a session call (measured: SARCOS MLP 3.4 vs 4.3 ms per step)
-        base = cls._base_session(model, manifest, layers, threads) if convs else None
+        base = subgraphs if convs else None
         widest = max(probe[layer.output].nbytes // 2 for layer in layers)
         return cls(layers, manifest, propagate, memory_mb, base, widest)
-
-    @staticmethod
-    def _base_session(model, manifest, layers, threads):
-        """onnxruntime computes the base activations (every layer's output) in one call per step."""
-        import onnxruntime as ort
-        inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
-        model = _extract(model, inputs, [layer.output for layer in layers])
-        return ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                    providers=["CPUExecutionProvider"])
 
     @staticmethod
     def _layer(node, const, entries, used, kinds):
@@ -481,12 +485,11 @@ class GraphEngine:
         a0 = np.ascontiguousarray(inputs[self.input_name], np.float32)
         y = targets[self.target_name]
         y = y.astype(np.int64) if self.kind == "cross_entropy" else y.astype(np.float64)
-        if self.base_session is not None:
-            feed = {self.manifest["params_input"]: x, self.input_name: a0}
+        if self.subgraphs is not None:
             # only the activations this step's layers read: onnxruntime frees the others as it goes
             names = sorted(set().union({self.output}, *(self.needs(j) for j in np.unique(self.owner[probe.index])))
                            - {self.input_name})
-            acts = dict(zip(names, self.base_session.run(names, feed)), **{self.input_name: a0})
+            acts = dict(self.subgraphs.run(names, x, a0), **{self.input_name: a0})
         else:
             acts = self.forward(x, a0)
         out = np.empty(len(probe))
@@ -620,11 +623,12 @@ class GraphEngine:
         for s in range(0, copies, chunk):
             part = dense(np.arange(s, min(s + chunk, copies)))
             r, n = part.shape[:2]
-            copy, sample = np.nonzero((part != acts[start][None]).reshape(r, n, -1).any(axis=2))
-            if copy.size == 0:  # no copy changed any sample: all keep the base loss
+            changed = (part != acts[start][None]).reshape(r, n, -1).any(axis=2)
+            if not changed.any():  # no copy changed any sample: all keep the base loss
                 out[s:s + chunk] = base.mean()
                 continue
-            live = {start: part[copy, sample]}
+            copy, sample = np.nonzero(changed)
+            live = {start: part.reshape(r * n, *part.shape[2:]) if changed.all() else part[copy, sample]}
             for layer, drops in self.downstream(start):
                 live[layer.output] = layer.copies(live, acts, sample, x)
                 for name in drops:
