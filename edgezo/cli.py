@@ -338,7 +338,7 @@ def build_parser():
                    help="cap on the engine's extra activation memory per chunk of copies (default 256)")
     p.add_argument("--lean-memory", action="store_true",
                    help="return freed activations to the OS at once (glibc): a lower peak RSS (ResNet-20 engine "
-                        "at batch 128: 121 vs 290 MiB rise) for some speed (the MNIST CNN engine: 2x slower)")
+                        "at batch 128: 121 vs 228 MiB rise) for some speed (the MNIST CNN engine: 2x slower)")
     p.add_argument("--threads", type=int, default=2,
                    help="onnxruntime threads (fixed, so results do not depend on the machine's load)")
     add_train_flags(p)

@@ -30,6 +30,12 @@ def test_train_without_torch_and_trained_onnx_matches(mlp_artifact, sarcos_npz, 
     assert meta["edgezo.optimizer"] == "cocd" and meta["edgezo.steps"] == "12"
 
 
+def test_lean_memory_changes_no_result(mlp_artifact, sarcos_npz, tmp_path):
+    for name, extra in (("plain", []), ("lean", ["--lean-memory"])):
+        run_cli("train", mlp_artifact, "--data", sarcos_npz, "--out", tmp_path / name, *TRAIN, *extra, check=True)
+    assert np.array_equal(np.load(tmp_path / "plain" / "params.npy"), np.load(tmp_path / "lean" / "params.npy"))
+
+
 def test_eval_and_classifier_accuracy(cnn_artifact, tmp_path):
     images = DATASETS / "mnist" / "t10k-images-idx3-ubyte.gz"
     proc = run_cli("eval", cnn_artifact, "--params", cnn_artifact / "params.npy", "--data", images,
