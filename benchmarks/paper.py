@@ -126,8 +126,8 @@ def task_ablations(args):
     art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
     base = dict(lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD)
     n, epochs = art.num_params, sarcos_epochs(args, train)
-    variants = [("eps", v) for v in (0.1, 1.0, 3.0)] + [("gamma", v) for v in (0.0, 0.9, 0.99, 1.0)] + \
-        [("budget", v) for v in (16, 64, 256)] + [("M", v) for v in (1.0, 0.5, 0.25)]
+    grid = {"eps": (0.1, 1.0, 3.0), "gamma": (0.0, 0.9, 0.99, 1.0), "budget": (16, 64, 256), "M": (1.0, 0.5, 0.25)}
+    variants = [(key, v) for key in args.ablate for v in grid[key]]
     runs = []
     for key, value in variants:
         settings = dict(base)
@@ -180,6 +180,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["sarcos", "ablations", "baselines"])
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--ablate", nargs="+", choices=("eps", "gamma", "budget", "M"),
+                        default=["eps", "gamma", "budget", "M"], help="ablations: which settings to vary")
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.95], help="mnist-gamma: the gammas to run")
     parser.add_argument("--match-paper-steps", action="store_true",
                         help="SARCOS tasks: run the paper's number of optimizer steps (more epochs of a small split)")
