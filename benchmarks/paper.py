@@ -7,7 +7,8 @@ Tasks:
   mnist      CNN (21,578 params) on MNIST, batch 128: CoCD (lr 1e-2, gamma 0.99, eps 0.1, B 256), BCCD (eps
              1e-6), torch SGD momentum 0.9 (lr 1e-2). Test accuracy on the 10,000 test digits.
   fashion    the same on Fashion-MNIST.
-  ablations  SARCOS CoCD over eps, gamma, B and M = m/n in {1, 0.5, 0.25}.
+  ablations  SARCOS CoCD over eps, gamma, B and M = m/n in {1, 0.5, 0.25}; with --ablate M-lr also M in
+             {0.5, 0.25} at lr / M (with m < n a coordinate moves only in M of the steps).
   mnist-gamma  MNIST CoCD at the paper's settings but gamma 0.9 and 0.95 (--gammas; the paper's CNN momentum
              ablation; gamma is the stability valve the authors' README recommends lowering).
   baselines  SARCOS at a matched budget of 64 evaluations per step: CoCD (B 32, central), SPSA (32
@@ -91,31 +92,36 @@ def run_sgd(label, model, train, val, batch, epochs, lr=1e-2):
                      "steps": history[-1]["steps"]})
 
 
-def compare(art, model, train, val, batch, epochs, lr, cocd):
-    """Table 1's three rows for one task: CoCD with its settings, BCCD (eps 1e-6), SGD momentum 0.9."""
-    budget = cocd["budget"]
-    return [run("CoCD", art, lambda p: CoCD(p, lr=lr, weight_decay=WD, **cocd), train, val, batch, epochs),
-            run("BCCD", art, lambda p: BCCD(p, lr=lr, eps=1e-6, budget=budget, weight_decay=WD), train, val, batch,
-                epochs),
-            run_sgd("SGD momentum 0.9", model, train, val, batch, epochs)]
+def compare(args, art, model, train, val, batch, epochs, lr, cocd):
+    """Table 1's three rows for one task (those in --optimizers): CoCD, BCCD (eps 1e-6), SGD momentum 0.9."""
+    budget, label = cocd["budget"], "CoCD" if args.gamma is None else f"CoCD gamma={cocd['gamma']}"
+    rows = {"cocd": lambda: run(label, art, lambda p: CoCD(p, lr=lr, weight_decay=WD, **cocd), train, val, batch,
+                                epochs),
+            "bccd": lambda: run("BCCD", art, lambda p: BCCD(p, lr=lr, eps=1e-6, budget=budget, weight_decay=WD),
+                                train, val, batch, epochs),
+            "sgd": lambda: run_sgd("SGD momentum 0.9", model, train, val, batch, epochs)}
+    return [rows[name]() for name in args.optimizers]
+
+
+def cpu_artifact(args, model):
+    return load_artifact(builtin_artifact(model), device="cpu", threads=args.threads)
 
 
 def task_sarcos(args):
     train, val = sarcos_data(args.sarcos)
-    art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
-    return compare(art, "sarcos-mlp", train, val, 64, sarcos_epochs(args, train), 1e-3,
-                   dict(eps=1.0, budget=64, gamma=1.0))
+    return compare(args, cpu_artifact(args, "sarcos-mlp"), "sarcos-mlp", train, val, 64, sarcos_epochs(args, train),
+                   1e-3, dict(eps=1.0, budget=64, gamma=1.0 if args.gamma is None else args.gamma))
 
 
 def task_mnist(args, folder="mnist"):
     train, test = mnist_data(SHARED / "datasets" / folder)
-    art = load_artifact(builtin_artifact("mnist-cnn"), device="cpu", threads=2)
-    return compare(art, "mnist-cnn", train, test, 128, args.epochs, 1e-2, dict(eps=0.1, budget=256, gamma=0.99))
+    return compare(args, cpu_artifact(args, "mnist-cnn"), "mnist-cnn", train, test, 128, args.epochs, 1e-2,
+                   dict(eps=0.1, budget=256, gamma=0.99 if args.gamma is None else args.gamma))
 
 
 def task_mnist_gamma(args):
     train, test = mnist_data(SHARED / "datasets" / "mnist")
-    art = load_artifact(builtin_artifact("mnist-cnn"), device="cpu", threads=2)
+    art = cpu_artifact(args, "mnist-cnn")
     return [run(f"CoCD gamma={gamma}", art, lambda p, g=gamma: CoCD(p, lr=1e-2, eps=0.1, budget=256, gamma=g,
                                                                   weight_decay=WD), train, test, 128, args.epochs)
             for gamma in args.gammas]
@@ -123,16 +129,19 @@ def task_mnist_gamma(args):
 
 def task_ablations(args):
     train, val = sarcos_data(args.sarcos)
-    art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
+    art = cpu_artifact(args, "sarcos-mlp")
     base = dict(lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD)
     n, epochs = art.num_params, sarcos_epochs(args, train)
-    grid = {"eps": (0.1, 1.0, 3.0), "gamma": (0.0, 0.9, 0.99, 1.0), "budget": (16, 64, 256), "M": (1.0, 0.5, 0.25)}
+    grid = {"eps": (0.1, 1.0, 3.0), "gamma": (0.0, 0.9, 0.99, 1.0), "budget": (16, 64, 256), "M": (1.0, 0.5, 0.25),
+            "M-lr": (0.5, 0.25)}
     variants = [(key, v) for key in args.ablate for v in grid[key]]
     runs = []
     for key, value in variants:
         settings = dict(base)
-        if key == "M":
+        if key.startswith("M"):
             settings["memory"] = max(1, int(round(value * n)))
+            if key == "M-lr":  # a coordinate moves only while in the m-slot window: lr / M restores its travel per cycle
+                settings["lr"] = base["lr"] / value
         else:
             settings[key] = value
         runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, 64, epochs))
@@ -141,7 +150,7 @@ def task_ablations(args):
 
 def task_baselines(args):
     train, val = sarcos_data(args.sarcos)
-    art = load_artifact(builtin_artifact("sarcos-mlp"), device="cpu", threads=2)
+    art = cpu_artifact(args, "sarcos-mlp")
     epochs = sarcos_epochs(args, train)
     return [run("CoCD B=32 (64 evals)", art, lambda p: CoCD(p, lr=1e-3, eps=1.0, budget=32, weight_decay=WD),
                 train, val, 64, epochs),
@@ -180,9 +189,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["sarcos", "ablations", "baselines"])
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--ablate", nargs="+", choices=("eps", "gamma", "budget", "M"),
-                        default=["eps", "gamma", "budget", "M"], help="ablations: which settings to vary")
+    parser.add_argument("--ablate", nargs="+", choices=("eps", "gamma", "budget", "M", "M-lr"),
+                        default=["eps", "gamma", "budget", "M"],
+                        help="ablations: which settings to vary (M-lr: M in {0.5, 0.25} with lr scaled by 1/M)")
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.95], help="mnist-gamma: the gammas to run")
+    parser.add_argument("--optimizers", nargs="+", choices=("cocd", "bccd", "sgd"), default=["cocd", "bccd", "sgd"],
+                        help="sarcos, mnist, fashion: which of Table 1's rows to run")
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="sarcos, mnist, fashion: CoCD's gamma instead of the paper's (1.0 SARCOS, 0.99 CNN)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime and engine threads per run")
+    parser.add_argument("--out", default=None,
+                        help="results file stem under benchmarks/results (default paper_<task>[_paper_steps])")
     parser.add_argument("--match-paper-steps", action="store_true",
                         help="SARCOS tasks: run the paper's number of optimizer steps (more epochs of a small split)")
     parser.add_argument("--sarcos", default=str(SHARED / "datasets" / "sarcos" / "sarcos_inv_test.mat"),
@@ -191,7 +208,7 @@ def main():
     for task in args.tasks:
         print(f"== {task} ({args.epochs} epochs)", flush=True)
         matched = args.match_paper_steps and task in ("sarcos", "ablations", "baselines")
-        name = f"paper_{task}" + ("_paper_steps" if matched else "")
+        name = args.out or f"paper_{task}" + ("_paper_steps" if matched else "")
         CURRENT.update(task=task, name=name, epochs=args.epochs, match_paper_steps=matched, runs=[])
         runs = TASKS[task](args)
         final = []
