@@ -171,6 +171,19 @@ TASKS = {"sarcos": task_sarcos, "mnist": task_mnist, "fashion": lambda a: task_m
          "ablations": task_ablations, "mnist-gamma": task_mnist_gamma, "baselines": task_baselines}
 
 
+def result_name(args, task, matched):
+    """paper_<task>, plus what differs from the default run: _paper_steps, _<optimizers>, _gamma<g>, _std."""
+    name = f"paper_{task}" + ("_paper_steps" if matched else "")
+    if task in ("sarcos", "mnist", "fashion"):
+        if args.optimizers != ["cocd", "bccd", "sgd"]:
+            name += "_" + "_".join(args.optimizers)
+        if args.gamma is not None:
+            name += f"_gamma{args.gamma:g}"
+    if args.standardize and task in ("mnist", "fashion", "mnist-gamma"):
+        name += "_std"
+    return name
+
+
 def plot(task, runs, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -205,8 +218,8 @@ def main():
     parser.add_argument("--standardize", action="store_true",
                         help="mnist, fashion: standardize pixels by the training set's mean and std (default [0, 1])")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime and engine threads per run")
-    parser.add_argument("--out", default=None,
-                        help="results file stem under benchmarks/results (default paper_<task>[_paper_steps])")
+    parser.add_argument("--out", default=None, help="results file stem under benchmarks/results (default "
+                        "paper_<task>, plus _paper_steps, _<optimizers>, _gamma<g>, _std where they are given)")
     parser.add_argument("--match-paper-steps", action="store_true",
                         help="SARCOS tasks: run the paper's number of optimizer steps (more epochs of a small split)")
     parser.add_argument("--sarcos", default=str(SHARED / "datasets" / "sarcos" / "sarcos_inv_test.mat"),
@@ -215,7 +228,7 @@ def main():
     for task in args.tasks:
         print(f"== {task} ({args.epochs} epochs)", flush=True)
         matched = args.match_paper_steps and task in ("sarcos", "ablations", "baselines")
-        name = args.out or f"paper_{task}" + ("_paper_steps" if matched else "")
+        name = args.out or result_name(args, task, matched)
         CURRENT.update(task=task, name=name, epochs=args.epochs, match_paper_steps=matched, runs=[])
         runs = TASKS[task](args)
         final = []
