@@ -174,14 +174,20 @@ TASKS = {"sarcos": task_sarcos, "mnist": task_mnist, "fashion": lambda a: task_m
          "ablations": task_ablations, "mnist-gamma": task_mnist_gamma, "baselines": task_baselines}
 
 
+ABLATE_DEFAULT = ["eps", "gamma", "budget", "M"]
+
+
 def result_name(args, task, matched):
-    """paper_<task>, plus what differs from the default run: _paper_steps, _<optimizers>, _gamma<g>, _std."""
+    """paper_<task>, plus what differs from the default run: _paper_steps, _<optimizers>, _gamma<g>, _<ablate>,
+    _std."""
     name = f"paper_{task}" + ("_paper_steps" if matched else "")
     if task in ("sarcos", "mnist", "fashion"):
         if args.optimizers != ["cocd", "bccd", "sgd"]:
             name += "_" + "_".join(args.optimizers)
         if args.gamma is not None:
             name += f"_gamma{args.gamma:g}"
+    if task == "ablations" and args.ablate != ABLATE_DEFAULT:
+        name += "_" + "_".join(args.ablate)
     if args.standardize and task in ("mnist", "fashion", "mnist-gamma"):
         name += "_std"
     return name
@@ -211,7 +217,7 @@ def main():
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["sarcos", "ablations", "baselines"])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--ablate", nargs="+", choices=("eps", "gamma", "budget", "M", "M-lr"),
-                        default=["eps", "gamma", "budget", "M"],
+                        default=ABLATE_DEFAULT,
                         help="ablations: which settings to vary (M-lr: M in {0.5, 0.25} with lr scaled by 1/M)")
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.95], help="mnist-gamma: the gammas to run")
     parser.add_argument("--optimizers", nargs="+", choices=("cocd", "bccd", "sgd"), default=["cocd", "bccd", "sgd"],
@@ -222,7 +228,7 @@ def main():
                         help="mnist, fashion: standardize pixels by the training set's mean and std (default [0, 1])")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime and engine threads per run")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results (default "
-                        "paper_<task>, plus _paper_steps, _<optimizers>, _gamma<g>, _std where they are given)")
+                        "paper_<task>, plus _paper_steps, _<optimizers>, _gamma<g>, _<ablate>, _std where they are given)")
     parser.add_argument("--match-paper-steps", action="store_true",
                         help="SARCOS tasks: run the paper's number of optimizer steps (more epochs of a small split)")
     parser.add_argument("--sarcos", default=str(SHARED / "datasets" / "sarcos" / "sarcos_inv_test.mat"),

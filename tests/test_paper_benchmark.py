@@ -1,0 +1,52 @@
+"""benchmarks/paper.py: result naming, the paper-step arithmetic, and one real SARCOS epoch end to end."""
+import argparse
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import DATASETS, ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
+import paper  # noqa: E402
+
+
+def names(**overrides):
+    args = argparse.Namespace(optimizers=["cocd", "bccd", "sgd"], gamma=None, standardize=False,
+                              ablate=list(paper.ABLATE_DEFAULT))
+    vars(args).update(overrides)
+    return args
+
+
+def test_result_names_say_what_differs_from_the_default_run():
+    assert paper.result_name(names(), "sarcos", False) == "paper_sarcos"
+    assert paper.result_name(names(), "sarcos", True) == "paper_sarcos_paper_steps"
+    assert paper.result_name(names(optimizers=["cocd"], gamma=0.95), "mnist", False) == "paper_mnist_cocd_gamma0.95"
+    assert paper.result_name(names(standardize=True), "fashion", False) == "paper_fashion_std"
+    assert paper.result_name(names(ablate=["M", "M-lr"]), "ablations", True) == "paper_ablations_paper_steps_M_M-lr"
+    assert paper.result_name(names(ablate=["M", "M-lr"], gamma=0.9), "ablations", False) == "paper_ablations_M_M-lr"
+
+
+def test_paper_steps_become_epochs_of_the_small_split():
+    args = argparse.Namespace(match_paper_steps=True, epochs=50)
+    train = {"x": [[0.0]] * 3559, "y": [[0.0]] * 3559}  # the 80% train part of the 4,449-row split
+    assert paper.sarcos_epochs(args, train) == 622  # 50 x 696 = 34,800 paper steps, 56 per epoch here
+
+
+@pytest.mark.skipif(not (DATASETS / "sarcos" / "sarcos_inv_test.mat").exists(),
+                    reason="../shared/datasets/sarcos/sarcos_inv_test.mat is missing")
+def test_one_sarcos_epoch_writes_json_and_png(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(paper, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["paper.py", "--tasks", "sarcos", "--epochs", "1", "--optimizers", "cocd", "bccd",
+                                      "--threads", "1"])
+    assert paper.main() == 0
+    result = json.loads((tmp_path / "paper_sarcos_cocd_bccd.json").read_text())
+    assert [r["label"] for r in result["runs"]] == ["CoCD", "BCCD"]
+    for r in result["runs"]:
+        assert r["steps"] == 56 and len(r["history"]) == 1
+        assert math.isfinite(r["history"][0]["val_loss"]) and r["history"][0]["val_loss"] < 1.5
+    assert (tmp_path / "paper_sarcos_cocd_bccd.png").stat().st_size > 0
+    assert "val MSE" in capsys.readouterr().out
