@@ -38,6 +38,10 @@ from edgezo.runtime.train import fit
 
 WD = 1e-4
 PAPER_SARCOS_TRAIN_ROWS = 44_484
+OPTIMIZERS = ["cocd", "bccd", "sgd"]  # Table 1's rows, in its order
+ABLATIONS = {"eps": (0.1, 1.0, 3.0), "gamma": (0.0, 0.9, 0.99, 1.0), "budget": (16, 64, 256), "M": (1.0, 0.5, 0.25),
+             "M-lr": (0.5, 0.25)}
+ABLATE_DEFAULT = ["eps", "gamma", "budget", "M"]
 CURRENT = {"task": None, "name": None, "epochs": None, "runs": []}  # written after every run, so a long task keeps its results
 
 
@@ -140,9 +144,7 @@ def task_ablations(args):
     art = cpu_artifact(args, "sarcos-mlp")
     base = dict(lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD)
     n, epochs = art.num_params, sarcos_epochs(args, train)
-    grid = {"eps": (0.1, 1.0, 3.0), "gamma": (0.0, 0.9, 0.99, 1.0), "budget": (16, 64, 256), "M": (1.0, 0.5, 0.25),
-            "M-lr": (0.5, 0.25)}
-    variants = [(key, v) for key in args.ablate for v in grid[key]]
+    variants = [(key, v) for key in args.ablate for v in ABLATIONS[key]]
     runs = []
     for key, value in variants:
         settings = dict(base)
@@ -174,15 +176,12 @@ TASKS = {"sarcos": task_sarcos, "mnist": task_mnist, "fashion": lambda a: task_m
          "ablations": task_ablations, "mnist-gamma": task_mnist_gamma, "baselines": task_baselines}
 
 
-ABLATE_DEFAULT = ["eps", "gamma", "budget", "M"]
-
-
 def result_name(args, task, matched):
     """paper_<task>, plus what differs from the default run: _paper_steps, _<optimizers>, _gamma<g>, _<ablate>,
     _std."""
     name = f"paper_{task}" + ("_paper_steps" if matched else "")
     if task in ("sarcos", "mnist", "fashion"):
-        if args.optimizers != ["cocd", "bccd", "sgd"]:
+        if args.optimizers != OPTIMIZERS:
             name += "_" + "_".join(args.optimizers)
         if args.gamma is not None:
             name += f"_gamma{args.gamma:g}"
@@ -216,11 +215,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["sarcos", "ablations", "baselines"])
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--ablate", nargs="+", choices=("eps", "gamma", "budget", "M", "M-lr"),
+    parser.add_argument("--ablate", nargs="+", choices=list(ABLATIONS),
                         default=ABLATE_DEFAULT,
                         help="ablations: which settings to vary (M-lr: M in {0.5, 0.25} with lr scaled by 1/M)")
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.95], help="mnist-gamma: the gammas to run")
-    parser.add_argument("--optimizers", nargs="+", choices=("cocd", "bccd", "sgd"), default=["cocd", "bccd", "sgd"],
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=OPTIMIZERS,
                         help="sarcos, mnist, fashion: which of Table 1's rows to run")
     parser.add_argument("--gamma", type=float, default=None,
                         help="sarcos, mnist, fashion: CoCD's gamma instead of the paper's (1.0 SARCOS, 0.99 CNN)")

@@ -14,7 +14,7 @@ import paper  # noqa: E402
 
 
 def names(**overrides):
-    args = argparse.Namespace(optimizers=["cocd", "bccd", "sgd"], gamma=None, standardize=False,
+    args = argparse.Namespace(optimizers=list(paper.OPTIMIZERS), gamma=None, standardize=False,
                               ablate=list(paper.ABLATE_DEFAULT))
     vars(args).update(overrides)
     return args
