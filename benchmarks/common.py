@@ -10,12 +10,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT / ".." / "shared"
 
 
-def builtin_artifact(model):
-    path = RESULTS / "artifacts" / model
+def builtin_artifact(model, seed=0):
+    """The built-in model exported with weight-init seed `seed` (folder <model>, or <model>-seed<k> for k > 0)."""
+    path = RESULTS / "artifacts" / (model if seed == 0 else f"{model}-seed{seed}")
     if not (path / "manifest.json").exists():
         print(f"exporting {model} to {path} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "edgezo.cli", "export", "--model", model, "--out", str(path)],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "edgezo.cli", "export", "--model", model, "--out", str(path),
+                        "--seed", str(seed)], check=True)
     return path
 
 

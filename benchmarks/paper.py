@@ -4,15 +4,22 @@ Tasks:
   sarcos     MLP 21-64-64-64-32-7 on SARCOS (the 4,449-row split in ../shared, split by seed 80/20 into
              train and validation; --sarcos for the full sarcos_inv.mat), batch 64: CoCD (lr 1e-3,
              gamma 1.0, eps 1.0, B 64), BCCD (eps 1e-6), torch SGD momentum 0.9 (lr 1e-2).
-  mnist      CNN (21,578 params) on MNIST, batch 128: CoCD (lr 1e-2, gamma 0.99, eps 0.1, B 256), BCCD (eps
-             1e-6), torch SGD momentum 0.9 (lr 1e-2). Test accuracy on the 10,000 test digits.
+  mnist      --model paper-cnn (default; 19,654 params, see exporters/models.py) or mnist-cnn (21,578) on MNIST,
+             batch 128: CoCD (lr 1e-2, gamma 0.99, eps 0.1, B 256), BCCD (eps 1e-6), torch SGD momentum 0.9
+             (lr 1e-2). Test accuracy on the 10,000 test digits. --seeds 0 1 2: one run per seed.
   fashion    the same on Fashion-MNIST.
+  mnist-ablations  MNIST CoCD at the paper's ablation defaults (gamma 1.0, eps 1.0, B 256, lr 1e-2), then eps,
+             gamma, B and M one at a time (the paper's Fig. 3 on MNIST); use --epochs 20.
+  resnet20   ResNet-20 (270k weights) on Fashion-MNIST padded to 3x32x32, CoCD B 2048, for --minutes;
+             checkpointed in runs/paper-resnet20, continued with --resume.
   ablations  SARCOS CoCD over eps, gamma, B and M = m/n in {1, 0.5, 0.25}; with --ablate M-lr also M in
              {0.5, 0.25} at lr / M (with m < n a coordinate moves only in M of the steps).
   mnist-gamma  MNIST CoCD at the paper's settings but gamma 0.9 and 0.95 (--gammas; the paper's CNN momentum
              ablation; gamma is the stability valve the authors' README recommends lowering).
   baselines  SARCOS at a matched budget of 64 evaluations per step: CoCD (B 32, central), SPSA (32
-             directions), ZO-SGD (63 directions + base), MeZO-SGD (32 directions) (the paper's Fig. 4).
+             directions), ZO-SGD (63 directions + base), MeZO-SGD (32 directions) (the paper's Fig. 4). No
+             guard: a run whose loss turns non-finite or whose validation loss exceeds 10x its best is
+             recorded as diverged at that step and ends.
 All runs: weight decay 1e-4. SARCOS inputs and torques are standardized with the training split's
 statistics (validation loss is MSE of standardized torques). Writes benchmarks/results/paper_<task>.json
 and paper_<task>.png.
@@ -26,15 +33,19 @@ Usage: python benchmarks/paper.py --tasks sarcos ablations baselines [--epochs 5
        python benchmarks/paper.py --tasks mnist --epochs 50     (about 30 s per CoCD epoch on 2 cores)
 """
 import argparse
+import math
 import sys
 import time
 
+import numpy as np
 
-from common import RESULTS, SHARED, builtin_artifact, write_json
+from common import RESULTS, ROOT, SHARED, builtin_artifact, write_json
+from edgezo.runtime import checkpoint
 from edgezo.runtime import data as data_mod
 from edgezo.runtime import load_artifact
+from edgezo.runtime.errors import EdgezoError
 from edgezo.runtime.optim import BCCD, SPSA, ZOSGD, CoCD, MeZOSGD
-from edgezo.runtime.train import fit
+from edgezo.runtime.train import evaluate, fit
 
 WD = 1e-4
 PAPER_SARCOS_TRAIN_ROWS = 44_484
@@ -82,68 +93,89 @@ def mnist_data(folder, standardize=False):
     return {"x": x, "y": y}, {"x": xt, "y": yt}
 
 
-def run(label, artifact, make_optimizer, train, val, batch, epochs, seed=0):
+class Diverged(Exception):
+    pass
+
+
+def run(label, artifact, make_optimizer, train, val, batch, epochs, seed=0, watch=False):
+    """One optimizer run. With watch (no guard, as in the paper's Fig. 4), a run diverges when a loss turns
+    non-finite or its validation loss exceeds 10x its best: the step is recorded and the run ends there."""
     params = artifact.initial_params()
     opt = make_optimizer(params)
-    start = time.perf_counter()
-    history = fit(artifact, opt, train, batch, epochs, seed=seed, val_data=val,
-                  log=lambda line: print(f"  {label}: {line}", flush=True))
+    start, history, diverged = time.perf_counter(), [], None
+
+    def check_val(record):
+        history.append(record)
+        best = min(h["val_loss"] for h in history)
+        if not math.isfinite(record["val_loss"]) or record["val_loss"] > 10 * best:
+            raise Diverged(f"validation loss {record['val_loss']:.4g} (best {best:.4g})")
+    try:
+        history = fit(artifact, opt, train, batch, epochs, seed=seed, val_data=val, on_epoch=check_val if watch else
+                      None, log=lambda line: print(f"  {label}: {line}", flush=True))
+    except (Diverged, EdgezoError) as err:  # EdgezoError: tell() refuses a non-finite loss
+        if not watch:
+            raise
+        diverged = {"step": opt.steps + (0 if isinstance(err, Diverged) else 1), "reason": str(err)}
+        print(f"  {label}: diverged at step {diverged['step']}: {err}", flush=True)
     return finished({"label": label, "history": history, "seconds": time.perf_counter() - start,
-                     "steps": opt.steps})
+                     "steps": opt.steps, "seed": seed, "diverged": diverged})
 
 
-def run_sgd(label, model, train, val, batch, epochs, lr=1e-2):
+def run_sgd(label, model, train, val, batch, epochs, lr=1e-2, seed=0):
     from edgezo.reference import fit_torch
     start = time.perf_counter()
-    history, _ = fit_torch(builtin_artifact(model), "momentum", train, batch, epochs, lr, val_data=val,
+    history, _ = fit_torch(builtin_artifact(model, seed), "momentum", train, batch, epochs, lr, seed=seed, val_data=val,
                            weight_decay=WD, log=lambda line: print(f"  {label}: {line}", flush=True))
     return finished({"label": label, "history": history, "seconds": time.perf_counter() - start,
-                     "steps": history[-1]["steps"]})
+                     "steps": history[-1]["steps"], "seed": seed})
 
 
-def compare(args, art, model, train, val, batch, epochs, lr, cocd):
-    """Table 1's three rows for one task (those in --optimizers): CoCD (its paper settings, gamma from --gamma
-    where given), BCCD (eps 1e-6), SGD momentum 0.9."""
+def compare(args, model, train, val, batch, epochs, lr, cocd):
+    """Table 1's three rows for one task (those in --optimizers), each at every --seeds (weight init and data
+    order): CoCD (its paper settings, gamma from --gamma where given), BCCD (eps 1e-6), SGD momentum 0.9."""
     budget, label = cocd["budget"], "CoCD"
     if args.gamma is not None:
         cocd, label = dict(cocd, gamma=args.gamma), f"CoCD gamma={args.gamma}"
-    rows = {"cocd": lambda: run(label, art, lambda p: CoCD(p, lr=lr, weight_decay=WD, **cocd), train, val, batch,
-                                epochs),
-            "bccd": lambda: run("BCCD", art, lambda p: BCCD(p, lr=lr, eps=1e-6, budget=budget, weight_decay=WD),
-                                train, val, batch, epochs),
-            "sgd": lambda: run_sgd("SGD momentum 0.9", model, train, val, batch, epochs)}
-    return [rows[name]() for name in args.optimizers]
+    runs = []
+    for seed in args.seeds:
+        art, tag = cpu_artifact(args, model, seed), "" if args.seeds == [0] else f" seed={seed}"
+        rows = {"cocd": lambda: run(label + tag, art, lambda p: CoCD(p, lr=lr, weight_decay=WD, **cocd), train, val,
+                                    batch, epochs, seed),
+                "bccd": lambda: run("BCCD" + tag, art, lambda p: BCCD(p, lr=lr, eps=1e-6, budget=budget,
+                                                                      weight_decay=WD), train, val, batch, epochs, seed),
+                "sgd": lambda: run_sgd("SGD momentum 0.9" + tag, model, train, val, batch, epochs, seed=seed)}
+        runs += [rows[name]() for name in args.optimizers]
+    return runs
 
 
-def cpu_artifact(args, model):
-    return load_artifact(builtin_artifact(model), device="cpu", threads=args.threads)
+def cpu_artifact(args, model, seed=0):
+    return load_artifact(builtin_artifact(model, seed), device="cpu", threads=args.threads)
 
 
 def task_sarcos(args):
     train, val = sarcos_data(args.sarcos)
-    return compare(args, cpu_artifact(args, "sarcos-mlp"), "sarcos-mlp", train, val, 64, sarcos_epochs(args, train),
+    return compare(args, "sarcos-mlp", train, val, 64, sarcos_epochs(args, train),
                    1e-3, dict(eps=1.0, budget=64, gamma=1.0))
 
 
 def task_mnist(args, folder="mnist"):
     train, test = mnist_data(SHARED / "datasets" / folder, args.standardize)
-    return compare(args, cpu_artifact(args, "mnist-cnn"), "mnist-cnn", train, test, 128, args.epochs, 1e-2,
+    return compare(args, args.model, train, test, 128, args.epochs, 1e-2,
                    dict(eps=0.1, budget=256, gamma=0.99))
 
 
 def task_mnist_gamma(args):
     train, test = mnist_data(SHARED / "datasets" / "mnist", args.standardize)
-    art = cpu_artifact(args, "mnist-cnn")
+    art = cpu_artifact(args, args.model)
     return [run(f"CoCD gamma={gamma}", art, lambda p, g=gamma: CoCD(p, lr=1e-2, eps=0.1, budget=256, gamma=g,
                                                                   weight_decay=WD), train, test, 128, args.epochs)
             for gamma in args.gammas]
 
 
-def task_ablations(args):
-    train, val = sarcos_data(args.sarcos)
-    art = cpu_artifact(args, "sarcos-mlp")
-    base = dict(lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD)
-    n, epochs = art.num_params, sarcos_epochs(args, train)
+def ablation_runs(args, art, base, train, val, batch, epochs, skip_base=False):
+    """CoCD with one setting of `base` changed at a time, for each --ablate value (skip_base: not the values
+    equal to base)."""
+    n = art.num_params
     variants = [(key, v) for key in args.ablate for v in ABLATIONS[key]]
     runs = []
     for key, value in variants:
@@ -154,26 +186,104 @@ def task_ablations(args):
                 settings["lr"] = base["lr"] / value
         else:
             settings[key] = value
-        runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, 64, epochs))
+        if skip_base and settings == base:
+            continue
+        runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, batch, epochs))
     return runs
 
 
+def task_ablations(args):
+    train, val = sarcos_data(args.sarcos)
+    base = dict(lr=1e-3, eps=1.0, budget=64, gamma=1.0, weight_decay=WD)
+    return ablation_runs(args, cpu_artifact(args, "sarcos-mlp"), base, train, val, 64, sarcos_epochs(args, train))
+
+
+def task_mnist_ablations(args):
+    """The paper's MNIST ablation defaults (gamma 1.0, eps 1.0, B 256; lr 1e-2, batch 128), then one setting at a
+    time; the first run is the defaults themselves."""
+    train, test = mnist_data(SHARED / "datasets" / "mnist", args.standardize)
+    base = dict(lr=1e-2, eps=1.0, budget=256, gamma=1.0, weight_decay=WD)
+    art = cpu_artifact(args, args.model)
+    runs = [run("defaults (gamma 1, eps 1, B 256)", art, lambda p: CoCD(p, **base), train, test, 128, args.epochs)]
+    return runs + ablation_runs(args, art, base, train, test, 128, args.epochs, skip_base=True)
+
+
 def task_baselines(args):
+    """Fig. 4: 64 evaluations per step each, lr and mu of the 50-epoch runs, no guard (diverged runs end early)."""
     train, val = sarcos_data(args.sarcos)
     art = cpu_artifact(args, "sarcos-mlp")
     epochs = sarcos_epochs(args, train)
-    return [run("CoCD B=32 (64 evals)", art, lambda p: CoCD(p, lr=1e-3, eps=1.0, budget=32, weight_decay=WD),
-                train, val, 64, epochs),
-            run("SPSA q=32 (64 evals)", art, lambda p: SPSA(p, lr=1e-4, mu=1e-2, directions=32), train, val, 64,
-                epochs),
-            run("ZO-SGD q=63 (64 evals)", art, lambda p: ZOSGD(p, lr=1e-4, mu=1e-2, directions=63), train, val, 64,
-                epochs),
-            run("MeZO-SGD q=32 (64 evals)", art, lambda p: MeZOSGD(p, lr=1e-4, mu=1e-2, directions=32), train, val,
-                64, epochs)]
+    methods = [("CoCD B=32 (64 evals)", lambda p: CoCD(p, lr=1e-3, eps=1.0, budget=32, weight_decay=WD)),
+               ("SPSA q=32 (64 evals)", lambda p: SPSA(p, lr=1e-4, mu=1e-2, directions=32)),
+               ("ZO-SGD q=63 (64 evals)", lambda p: ZOSGD(p, lr=1e-4, mu=1e-2, directions=63)),
+               ("MeZO-SGD q=32 (64 evals)", lambda p: MeZOSGD(p, lr=1e-4, mu=1e-2, directions=32))]
+    return [run(label, art, make, train, val, 64, epochs, watch=True) for label, make in methods]
+
+
+def padded_fashion(limit=None):
+    """Fashion-MNIST as 3x32x32 (zero-padded 2 px, grey copied to 3 channels) for ResNet-20."""
+    train, test = mnist_data(SHARED / "datasets" / "fashion-mnist")
+    out = []
+    for d in (train, test):
+        x = np.pad(d["x"], ((0, 0), (0, 0), (2, 2), (2, 2)))
+        out.append({"x": np.ascontiguousarray(np.repeat(x, 3, axis=1)), "y": d["y"]})
+    out[1] = data_mod.take(out[1], slice(0, limit))
+    return out
+
+
+RESNET_RUN = ROOT / "runs" / "paper-resnet20"
+
+
+def task_resnet20(args):
+    """ResNet-20 (Fashion-MNIST padded to 32x32), CoCD B 2048 (lr 1e-2, eps 0.1, gamma 0.99), batch 128, for
+    --minutes of wall time; a checkpoint every 5 steps in runs/paper-resnet20; --resume continues it. Test
+    accuracy on the first 1,000 test images every --eval-every steps."""
+    train, test = padded_fashion(limit=1000)
+    art = cpu_artifact(args, "resnet20")
+    params = art.initial_params()
+    opt = CoCD(params, lr=1e-2, eps=0.1, budget=2048, gamma=0.99, weight_decay=WD)
+    curve, position, spent = [], (0, 0), 0.0
+    if args.resume:
+        saved, state, info = checkpoint.load(RESNET_RUN)
+        params[:] = saved
+        opt.load_state_dict(state)
+        curve, position, spent = info["curve"], tuple(info["position"]), info["seconds"]
+        print(f"  resuming at step {opt.steps} ({spent / 60:.1f} min trained)", flush=True)
+    deadline, start = time.perf_counter() + 60 * args.minutes, time.perf_counter() - spent
+    per_epoch = data_mod.batches_per_epoch(data_mod.num_rows(train), 128)
+
+    def on_step(epoch, b, result):
+        point = {"step": opt.steps, "train_loss": result.loss, "seconds": time.perf_counter() - start}
+        if opt.steps % args.eval_every == 0:
+            point.update({f"test_{k}": v for k, v in evaluate(art, params, test).items()})
+        curve.append(point)
+        print(f"  ResNet-20 step {opt.steps}: loss {result.loss:.4f} ({result.seconds:.1f} s)"
+              + (f", test acc {100 * point['test_accuracy']:.1f}%" if "test_accuracy" in point else ""), flush=True)
+        nxt = (epoch, b + 1) if b + 1 < per_epoch else (epoch + 1, 0)
+        if opt.steps % 5 == 0 or time.perf_counter() > deadline:
+            checkpoint.save(RESNET_RUN, params, opt.state_dict(),
+                            {"position": nxt, "curve": curve, "seconds": point["seconds"]})
+            CURRENT["runs"] = [{"label": "CoCD B=2048", "curve": curve, "steps": opt.steps, "seconds": point["seconds"],
+                                "history": [], "seconds_per_step": point["seconds"] / max(1, len(curve)),
+                                "steps_per_epoch": per_epoch, "continue": "python benchmarks/paper.py --tasks "
+                                "resnet20 --resume --minutes M"}]
+            write_json(CURRENT["name"], CURRENT)
+        if time.perf_counter() > deadline:
+            raise Diverged("time is up")  # ends fit(); the checkpoint above holds the state
+    try:
+        fit(art, opt, train, 128, 1, seed=0, log=None, start_epoch=position[0], start_batch=position[1],
+            on_step=on_step)
+    except Diverged:
+        pass
+    return CURRENT["runs"]
 
 
 TASKS = {"sarcos": task_sarcos, "mnist": task_mnist, "fashion": lambda a: task_mnist(a, "fashion-mnist"),
-         "ablations": task_ablations, "mnist-gamma": task_mnist_gamma, "baselines": task_baselines}
+         "ablations": task_ablations, "mnist-gamma": task_mnist_gamma, "baselines": task_baselines,
+         "mnist-ablations": task_mnist_ablations, "resnet20": task_resnet20}
+
+
+CNN_TASKS = ("mnist", "fashion", "mnist-gamma", "mnist-ablations")
 
 
 def result_name(args, task, matched):
@@ -185,10 +295,15 @@ def result_name(args, task, matched):
             name += "_" + "_".join(args.optimizers)
         if args.gamma is not None:
             name += f"_gamma{args.gamma:g}"
-    if task == "ablations" and args.ablate != ABLATE_DEFAULT:
+    if task in ("ablations", "mnist-ablations") and args.ablate != ABLATE_DEFAULT:
         name += "_" + "_".join(args.ablate)
-    if args.standardize and task in ("mnist", "fashion", "mnist-gamma"):
-        name += "_std"
+    if task in CNN_TASKS:
+        if args.model != "mnist-cnn":  # the earlier results (mnist-cnn) keep their names
+            name += f"_{args.model}"
+        if args.standardize:
+            name += "_std"
+    if task in ("sarcos", "mnist", "fashion") and args.seeds != [0]:
+        name += "_seed" + "-".join(map(str, args.seeds))
     return name
 
 
@@ -196,8 +311,21 @@ def plot(task, runs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    key = "val_accuracy" if "val_accuracy" in runs[0]["history"][0] else "val_loss"
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if task == "resnet20":
+        curve = runs[0]["curve"]
+        ax.plot([p["step"] for p in curve], [p["train_loss"] for p in curve], label="train loss (batch)")
+        tested = [p for p in curve if "test_accuracy" in p]
+        ax.plot([p["step"] for p in tested], [p["test_accuracy"] for p in tested], "o-", label="test accuracy (1,000)")
+        ax.set_xlabel("step")
+        ax.set_title("paper benchmark: ResNet-20 CoCD B=2048, Fashion-MNIST 32x32")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
+    first = next(r["history"][0] for r in runs if r["history"])
+    key = "val_accuracy" if "val_accuracy" in first else "val_loss"
     for r in runs:
         ax.plot([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], label=r["label"])
     ax.set_xlabel("epoch")
@@ -225,6 +353,14 @@ def main():
                         help="sarcos, mnist, fashion: CoCD's gamma instead of the paper's (1.0 SARCOS, 0.99 CNN)")
     parser.add_argument("--standardize", action="store_true",
                         help="mnist, fashion: standardize pixels by the training set's mean and std (default [0, 1])")
+    parser.add_argument("--model", choices=("paper-cnn", "mnist-cnn"), default="paper-cnn",
+                        help="mnist, fashion, mnist-gamma, mnist-ablations: the CNN (paper-cnn: 19,654 weights, fits "
+                        "both of the paper's budget percentages; mnist-cnn: the earlier 21,578-weight CNN)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="sarcos, mnist, fashion: weight-init and data-order seeds, one run each")
+    parser.add_argument("--minutes", type=float, default=120, help="resnet20: wall-clock minutes to train")
+    parser.add_argument("--eval-every", type=int, default=10, help="resnet20: test accuracy every N steps")
+    parser.add_argument("--resume", action="store_true", help="resnet20: continue from runs/paper-resnet20")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime and engine threads per run")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results (default "
                         "paper_<task>, plus _paper_steps, _<optimizers>, _gamma<g>, _<ablate>, _std where they are given)")
@@ -241,10 +377,13 @@ def main():
         runs = TASKS[task](args)
         final = []
         for r in runs:
+            if not r["history"]:
+                continue
             last = r["history"][-1]
             metric = f"acc {100 * last['val_accuracy']:.2f}%" if "val_accuracy" in last else \
                 f"val MSE {last['val_loss']:.4f}"
-            final.append(f"  {r['label']:<28} {metric}  ({r['seconds']:.0f} s, {r['steps']} steps)")
+            note = f", diverged at step {r['diverged']['step']}" if r.get("diverged") else ""
+            final.append(f"  {r['label']:<28} {metric}  ({r['seconds']:.0f} s, {r['steps']} steps{note})")
         print("\n".join(final), flush=True)
         plot(task, runs, RESULTS / f"{name}.png")
     return 0

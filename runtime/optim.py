@@ -178,7 +178,10 @@ class CoCD(AskTell):
         window = max(0, self.refreshed - m) + np.arange(m)
         coords, slots = window % n, window % m
         x = self.params
-        x[coords] = x[coords] * (1 - self.lr * self.weight_decay) - self.lr * self.buffer[slots]
+        lr, wd = self.lr, self.weight_decay
+        if np.ndim(lr) or np.ndim(wd):  # per-coordinate rates (torch param groups): (n,) arrays
+            lr, wd = np.broadcast_to(lr, (n,))[coords], np.broadcast_to(wd, (n,))[coords]
+        x[coords] = x[coords] * (1 - lr * wd) - lr * self.buffer[slots]
 
     def _state(self):
         return {"lr": self.lr, "eps": self.eps, "budget": self.budget, "memory": self.memory,

@@ -15,7 +15,7 @@ import paper  # noqa: E402
 
 def names(**overrides):
     args = argparse.Namespace(optimizers=list(paper.OPTIMIZERS), gamma=None, standardize=False,
-                              ablate=list(paper.ABLATE_DEFAULT))
+                              ablate=list(paper.ABLATE_DEFAULT), model="mnist-cnn", seeds=[0])
     vars(args).update(overrides)
     return args
 
@@ -27,6 +27,17 @@ def test_result_names_say_what_differs_from_the_default_run():
     assert paper.result_name(names(standardize=True), "fashion", False) == "paper_fashion_std"
     assert paper.result_name(names(ablate=["M", "M-lr"]), "ablations", True) == "paper_ablations_paper_steps_M_M-lr"
     assert paper.result_name(names(ablate=["M", "M-lr"], gamma=0.9), "ablations", False) == "paper_ablations_M_M-lr"
+    paper_cnn = names(model="paper-cnn", optimizers=["cocd"], seeds=[1])
+    assert paper.result_name(paper_cnn, "mnist", False) == "paper_mnist_cocd_paper-cnn_seed1"
+    assert paper.result_name(names(model="paper-cnn"), "mnist-ablations", False) == "paper_mnist-ablations_paper-cnn"
+
+
+def test_paper_cnn_fits_both_budget_percentages():
+    from edgezo.exporters.models import paper_cnn
+    mnist = sum(p.numel() for p in paper_cnn().parameters())
+    cifar = sum(p.numel() for p in paper_cnn(3, 32).parameters())
+    assert (mnist, cifar) == (19_654, 24_350)
+    assert round(100 * 256 / mnist, 1) == 1.3 and round(100 * 1024 / cifar, 1) == 4.2
 
 
 def test_paper_steps_become_epochs_of_the_small_split():
