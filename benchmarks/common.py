@@ -20,9 +20,10 @@ def builtin_artifact(model, seed=0):
     return path
 
 
-def write_json(name, result):
+def write_json(name, result, quiet=False):
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path

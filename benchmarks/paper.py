@@ -104,14 +104,21 @@ def run(label, artifact, make_optimizer, train, val, batch, epochs, seed=0, watc
     opt = make_optimizer(params)
     start, history, diverged = time.perf_counter(), [], None
 
-    def check_val(record):
+    def record_epoch(record):  # the run so far goes into the JSON after every epoch
         history.append(record)
+        write_json(CURRENT["name"], dict(CURRENT, runs=CURRENT["runs"] + [{"label": label, "history": history,
+                                                                          "steps": opt.steps, "seed": seed,
+                                                                          "running": True}]), quiet=True)
+        if watch:
+            check_val(record)
+
+    def check_val(record):
         best = min(h["val_loss"] for h in history)
         if not math.isfinite(record["val_loss"]) or record["val_loss"] > 10 * best:
             raise Diverged(f"validation loss {record['val_loss']:.4g} (best {best:.4g})")
     try:
-        history = fit(artifact, opt, train, batch, epochs, seed=seed, val_data=val, on_epoch=check_val if watch else
-                      None, log=lambda line: print(f"  {label}: {line}", flush=True))
+        fit(artifact, opt, train, batch, epochs, seed=seed, val_data=val, on_epoch=record_epoch,
+            log=lambda line: print(f"  {label}: {line}", flush=True))
     except (Diverged, EdgezoError) as err:  # EdgezoError: tell() refuses a non-finite loss
         if not watch:
             raise
