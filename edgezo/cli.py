@@ -171,7 +171,8 @@ def write_run(args, inference_path, manifest, params, metrics):
     out.mkdir(parents=True, exist_ok=True)
     save_npy(out / "params.npy", params)
     write_back(inference_path, manifest["trainable"], params, out / "trained.onnx",
-               {"optimizer": metrics["optimizer"], "settings": metrics.get("settings", {}), "steps": metrics["steps"]})
+               {"optimizer": metrics["optimizer"], "settings": metrics.get("settings", {}), "steps": metrics["steps"]},
+               lora=manifest.get("lora", ()))
     save_json(out / "metrics.json", metrics)
     print(f"wrote {out}/params.npy, trained.onnx, metrics.json")
 
@@ -206,20 +207,23 @@ def cmd_eval(args):
 
 
 def cmd_export_onnx(args):
-    from .exporters.onnx_import import export_onnx, list_tensors, load_model
+    from .exporters.onnx_import import export_onnx, load_model
     if args.list:
-        print(f"{'name':<40} {'shape':<20} {'dtype':<8} {'size':>10}")
-        for t in list_tensors(load_model(args.model)):
-            print(f"{t['name']:<40} {str(t['shape']):<20} {t['dtype']:<8} {t['size']:>10}")
+        from .exporters.presets import print_listing
+        print_listing(load_model(args.model), args.model)
         return
-    check(args.out is not None and args.loss is not None, "export-onnx needs --loss and --out (or --list)")
+    check(args.out is not None, "export-onnx needs --out (or --list)")
     prepare_out(args.out)
     path = export_onnx(args.model, args.out, args.loss, trainable=args.trainable, last_layers=args.last_layers,
-                       output=args.output)
+                       output=args.output, norms=args.norms, biases=args.biases, lora=args.lora,
+                       lora_targets_glob=args.lora_targets, num_classes=args.num_classes, fix_input=args.fix_input,
+                       batch_axis=args.batch_axis, seed=args.seed, log=lambda line: print(line, flush=True))
     from .runtime.manifest import read
     manifest = read(Path(path) / "manifest.json")
-    print(f"exported {args.model}: {manifest['num_params']} trainable params in "
-          f"{len(manifest['trainable'])} tensors ({', '.join(t['name'] for t in manifest['trainable'])}) to {path}")
+    names = [t["name"] for t in manifest["trainable"]]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    print(f"exported {args.model}: {manifest['num_params']} trainable params in {len(names)} tensors ({shown}) "
+          f"to {path}")
 
 
 def cmd_write_back(args):
@@ -234,7 +238,8 @@ def cmd_write_back(args):
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         metadata = {k: metrics[k] for k in ("optimizer", "settings", "steps") if k in metrics}
-    write_back(artifact / manifest["files"]["inference"], manifest["trainable"], params, args.out, metadata)
+    write_back(artifact / manifest["files"]["inference"], manifest["trainable"], params, args.out, metadata,
+               lora=manifest.get("lora", ()))
     print(f"wrote {args.out} (the inference model with the trained values)")
 
 
@@ -298,14 +303,35 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=64, help="example batch; the fixed batch of model.pte")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("export-onnx", help="make an artifact from an ONNX inference model (no torch)")
-    p.add_argument("model", help="the deployed model, an .onnx file")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--trainable", nargs="+", metavar="PATTERN", help="glob patterns of initializers to train")
-    group.add_argument("--last-layers", type=int, metavar="K", help="train the last K Gemm/MatMul/Conv layers")
-    p.add_argument("--loss", choices=("mse", "cross_entropy"))
+    p = sub.add_parser("export-onnx", help="make an artifact from an ONNX inference model (no torch)",
+                       description="Make a training artifact from a deployed ONNX model. Choose what to train with "
+                       "any combination of --trainable, --last-layers, --norms, --biases and --lora; --list shows "
+                       "the tensors and what each preset would train.")
+    p.add_argument("model", help="the deployed model, an .onnx file (any opset >= 7; Constant-node weights are "
+                   "trainable too)")
+    p.add_argument("--trainable", nargs="+", metavar="PATTERN",
+                   help="glob patterns of tensors to train (matched against Identity aliases' names too)")
+    p.add_argument("--last-layers", type=int, metavar="K", help="train the last K Gemm/MatMul/Conv layers")
+    p.add_argument("--norms", action="store_true", help="train BatchNorm/LayerNorm scale and shift")
+    p.add_argument("--biases", action="store_true", help="train every bias (BitFit)")
+    p.add_argument("--lora", type=int, metavar="RANK",
+                   help="train low-rank adapters (A [r, in], B [out, r], B = 0 at start) beside the frozen "
+                   "Gemm/MatMul/Conv weights; write-back merges them into the weights")
+    p.add_argument("--lora-targets", metavar="GLOB", help="--lora: only the layers whose weight or node name matches")
+    p.add_argument("--num-classes", type=int, metavar="K",
+                   help="replace the final classifier layer with a fresh, seeded one for K classes")
+    p.add_argument("--seed", type=int, default=0, help="--lora and --num-classes initialization seed")
+    p.add_argument("--loss", choices=("mse", "cross_entropy", "binary_cross_entropy"),
+                   help="default: cross_entropy on the logits for a Softmax/LogSoftmax output, binary_cross_entropy "
+                   "on the logits for a Sigmoid output; required otherwise")
     p.add_argument("--output", help="which model output the loss uses (default: the first)")
-    p.add_argument("--list", action="store_true", help="print the model's tensors (name, shape, dtype, size)")
+    p.add_argument("--fix-input", nargs="+", metavar="NAME=VALUE", default=[],
+                   help="fix a non-data input (a recurrent state, a sample rate) to a number or a .npy file; "
+                   "broadcast along the batch axis where the input has one")
+    p.add_argument("--batch-axis", nargs="+", metavar="NAME=AXIS", default=[],
+                   help="the batch axis of an input or output (default: found from the data input's first "
+                   "symbolic dimension); data files are always batch-first")
+    p.add_argument("--list", action="store_true", help="print the model's tensors and what each preset trains")
     p.add_argument("--out", help="artifact folder to create")
     p.set_defaults(func=cmd_export_onnx)
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..runtime.errors import EdgezoError
+from ..runtime.errors import EdgezoError, check
 from ..runtime.files import atomic_write, check_new_folder
 from ..runtime.manifest import FORMAT_VERSION, validate
 
@@ -104,11 +104,13 @@ def check_model(model, what):
         raise EdgezoError(f"{what} is not a valid ONNX model: {first}") from None
 
 
-def build_manifest(*, trainable, frozen, inputs, targets, outputs, loss, files, source, pte_batch=None):
+def build_manifest(*, trainable, frozen, inputs, targets, outputs, loss, files, source, pte_batch=None, lora=()):
     manifest = {"format_version": FORMAT_VERSION, "num_params": sum(e["size"] for e in trainable),
                 "params_input": PARAMS_INPUT, "trainable": trainable, "frozen": frozen, "inputs": inputs,
                 "targets": targets, "outputs": outputs, "loss": loss, "files": files, "opset": OPSET,
                 "source": dict(source, edgezo_version=edgezo_version())}
+    if lora:
+        manifest["lora"] = list(lora)  # adapters: merged into their weights at write-back
     if pte_batch is not None:
         manifest["pte_batch"] = pte_batch  # an ExecuTorch program has a fixed batch size
     return validate(manifest, "manifest (being written)")
@@ -139,16 +141,33 @@ def write_artifact(out_dir, manifest, params, models, extra_files=()):
     return out_dir
 
 
-def write_back(inference_path, trainable, params, out_path, metadata=None):
-    """The inference model at `inference_path` with the trainable initializers set from `params`."""
+def write_back(inference_path, trainable, params, out_path, metadata=None, lora=()):
+    """The inference model at `inference_path` with the trainable tensors set from `params`: initializers
+    or Constant nodes (written back as Constant nodes); LoRA adapters merged into their weights."""
+    from .lora import merge
     model = onnx.load(str(inference_path))
-    by_name = {t.name: t for t in model.graph.initializer}
-    for e in trainable:
-        tensor = by_name.get(e["name"])
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] not in tensors:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                tensors[node.output[0]] = value
+    values = {e["name"]: np.asarray(params[e["offset"]:e["offset"] + e["size"]], np.float32).reshape(e["shape"])
+              for e in trainable}
+    factors = {name for t in lora for name in (t["A"], t["B"])}
+    updates = {name: v for name, v in values.items() if name not in factors}
+    weights = {}
+    for t in lora:
+        check(t["weight"] in tensors, f"{inference_path}: has no weight {t['weight']!r} for a LoRA adapter")
+        weights[t["weight"]] = updates.get(t["weight"], numpy_helper.to_array(tensors[t["weight"]]))
+    updates.update(merge(weights, lora, values))
+    for name, value in updates.items():
+        tensor = tensors.get(name)
         if tensor is None:
-            raise EdgezoError(f"{inference_path}: has no initializer {e['name']!r} listed in the manifest")
-        value = np.asarray(params[e["offset"]:e["offset"] + e["size"]], np.float32).reshape(e["shape"])
-        tensor.CopyFrom(numpy_helper.from_array(value, e["name"]))
+            raise EdgezoError(f"{inference_path}: has no initializer or Constant {name!r} listed in the manifest")
+        check(list(tensor.dims) == list(value.shape), f"{inference_path}: {name!r} has shape {list(tensor.dims)}, "
+                                                      f"the manifest {list(value.shape)}")
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
     info = {"edgezo_version": edgezo_version(), **(metadata or {})}
     keep = [p for p in model.metadata_props if not p.key.startswith("edgezo")]
     del model.metadata_props[:]

@@ -1,21 +1,25 @@
 """An existing ONNX inference model -> artifact folder (torch-free: onnx, numpy, onnxruntime).
 
 The chosen initializers become the flat trainable vector (one graph input), a loss is appended
-after the model's output, everything else stays frozen. The original file is the artifact's
-inference.onnx, so write-back gives the same graph with new values.
+after the model's output (on the logits where the output is a Softmax / Sigmoid), everything else
+stays frozen. The original file is the artifact's inference.onnx (unless --num-classes gives it a new
+head), so write-back gives the same graph with new values. Files from the wild are first made ready by
+onnx_prepare (old opsets, Constant-node weights, aliases, fixed inputs, batch axes).
 """
 import fnmatch
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..runtime.errors import EdgezoError, check
-from .onnx_graph import (build_manifest, check_model, flatten_trainable, tensor_entry, value_info,
-                         write_artifact)
+from . import onnx_prepare as prep
+from .lora import add_lora, lora_targets
+from .onnx_graph import build_manifest, check_model, flatten_trainable, tensor_entry, value_info, write_artifact
 
 LAYER_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
+NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
 TARGET = "target"
 
 
@@ -31,127 +35,337 @@ def load_model(path):
     return model
 
 
+def prepare(model, what="the model"):
+    """(model at opset >= 13 with Constant-node float weights as initializers, names that were Constants)."""
+    return prep.constant_weights(prep.upgrade(model, what))
+
+
 def list_tensors(model):
-    """[{name, shape, dtype, size}] of the model's initializers, in graph order."""
-    return [tensor_entry(t) for t in model.graph.initializer]
+    """[{name, shape, dtype, size, feeds, aliases}] of the model's initializers (Constant-node weights
+    included, marked constant=True), in graph order."""
+    model, constants = prepare(model)
+    feeds, alias = prep.feeds(model), prep.aliases(model)
+    out = []
+    for t in model.graph.initializer:
+        entry = tensor_entry(t)
+        entry.update(feeds=feeds.get(t.name, []), aliases=[a for a, src in alias.items() if src == t.name],
+                     constant=t.name in constants)
+        out.append(entry)
+    return out
 
 
-def _initializer_inputs(node, names):
-    return [i for i in node.input if i in names]
+def _floats(model):
+    return {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+
+
+def _consumers(model):
+    out = {}
+    for node in model.graph.node:
+        for i in node.input:
+            out.setdefault(i, []).append(node)
+    return out
+
+
+def _weights(node, floats, alias):
+    return [alias.get(i, i) for i in node.input if alias.get(i, i) in floats]
+
+
+def layers(model):
+    """The Gemm/MatMul/Conv nodes with float initializer weights, in graph order."""
+    floats, alias = _floats(model), prep.aliases(model)
+    return [n for n in model.graph.node if n.op_type in LAYER_OPS and _weights(n, floats, alias)]
 
 
 def last_layer_tensors(model, k):
     """The float initializers of the last k Gemm/MatMul/Conv nodes (with a MatMul's bias Add)."""
     check(isinstance(k, int) and k >= 1, f"--last-layers must be >= 1, got {k}")
-    floats = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
-    consumers = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    layers = [n for n in model.graph.node if n.op_type in LAYER_OPS and _initializer_inputs(n, floats)]
-    check(layers, "the model has no Gemm/MatMul/Conv layer with initializer weights")
-    check(k <= len(layers), f"--last-layers {k}: the model has only {len(layers)} such layers")
+    floats, alias, consumers = _floats(model), prep.aliases(model), _consumers(model)
+    found = layers(model)
+    check(found, "the model has no Gemm/MatMul/Conv layer with float weights (initializers or Constant nodes)")
+    check(k <= len(found), f"--last-layers {k}: the model has only {len(found)} such layers")
     names = []
-    for node in layers[-k:]:
-        names += _initializer_inputs(node, floats)
+    for node in found[-k:]:
+        names += _weights(node, floats, alias)
         follow = consumers.get(node.output[0], [])
         if node.op_type == "MatMul" and len(follow) == 1 and follow[0].op_type == "Add":
-            names += _initializer_inputs(follow[0], floats)
+            names += _weights(follow[0], floats, alias)
     return list(dict.fromkeys(names))
 
 
+def norm_tensors(model):
+    """Scale and shift of every BatchNorm / LayerNorm / InstanceNorm / GroupNorm (--norms)."""
+    floats, alias = _floats(model), prep.aliases(model)
+    names = []
+    for node in model.graph.node:
+        if node.op_type in NORM_OPS:
+            names += [alias.get(i, i) for i in node.input[1:3] if alias.get(i, i) in floats]
+    return list(dict.fromkeys(names))
+
+
+def bias_tensors(model):
+    """Every bias (--biases, BitFit): Gemm C, Conv B, the 1-D Add after a MatMul, norm shifts."""
+    floats, alias, consumers = _floats(model), prep.aliases(model), _consumers(model)
+    names = []
+    for node in model.graph.node:
+        picks = []
+        if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.input) > 2:
+            picks = [node.input[2]]
+        elif node.op_type == "MatMul":
+            follow = consumers.get(node.output[0], [])
+            if len(follow) == 1 and follow[0].op_type == "Add":
+                picks = [i for i in follow[0].input if i != node.output[0]]
+        elif node.op_type in NORM_OPS and len(node.input) > 2:
+            picks = [node.input[2]]
+        names += [alias.get(i, i) for i in picks if alias.get(i, i) in floats]
+    shapes = {t.name: len(t.dims) for t in model.graph.initializer}
+    return list(dict.fromkeys(n for n in names if shapes[n] == 1))
+
+
 def select_tensors(model, patterns):
-    """Initializer names matching any glob pattern, in graph order; every pattern must match."""
+    """Initializer names matching any glob pattern (on its name or an Identity alias's), in graph order."""
     by_name = {t.name: t for t in model.graph.initializer}
+    alias = prep.aliases(model)
+    names_of = {n: [n] + [a for a, src in alias.items() if src == n] for n in by_name}
+
+    def hit(name, pattern):
+        return any(fnmatch.fnmatchcase(a, pattern) for a in names_of[name])
     for pattern in patterns:
-        hits = [n for n in by_name if fnmatch.fnmatchcase(n, pattern)]
+        hits = [n for n in by_name if hit(n, pattern)]
         check(hits, f"--trainable {pattern!r} matches no tensor of the model (see --list)")
         for name in hits:
             check(by_name[name].data_type == TensorProto.FLOAT,
                   f"--trainable {pattern!r}: tensor {name!r} is "
                   f"{TensorProto.DataType.Name(by_name[name].data_type)}, only float32 tensors can be trained")
-    return [n for n in by_name if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return [n for n in by_name if any(hit(n, p) for p in patterns)]
 
 
-def _opset(model):
-    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+def choose(model, trainable=None, last_layers=None, norms=False, biases=False):
+    """The union of the selections given, in graph order; at least one must be given."""
+    check(trainable or last_layers or norms or biases,
+          "choose what to train: --trainable PATTERN..., --last-layers K, --norms, --biases and/or --lora R")
+    names = []
+    if trainable:
+        names += select_tensors(model, trainable)
+    if last_layers is not None:
+        names += last_layer_tensors(model, last_layers)
+    if norms:
+        found = norm_tensors(model)
+        check(found, "--norms: the model has no BatchNorm/LayerNorm/InstanceNorm/GroupNorm with float weights")
+        names += found
+    if biases:
+        found = bias_tensors(model)
+        check(found, "--biases: the model has no bias tensors (Gemm C, Conv B, Add after MatMul, norm shifts)")
+        names += found
+    order = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    return sorted(set(names), key=order.get)
 
 
-def _set_batch(value):
-    dims = value.type.tensor_type.shape.dim
-    check(len(dims) > 0, f"graph value {value.name!r} has no batch dimension")
-    dims[0].ClearField("dim_value")
-    dims[0].dim_param = "batch"
+def shared_notices(model, names):
+    """One line per chosen tensor that several nodes read (directly or through Identity aliases)."""
+    feeds = prep.feeds(model)
+    return [f"note: {n!r} is shared by {len(feeds[n])} nodes ({', '.join(feeds[n])}): it trains as one tensor"
+            for n in names if len(feeds.get(n, [])) > 1]
 
 
-def append_loss(model, loss, output=None):
-    """A copy of `model` with a target input and a scalar 'loss' output before the model's outputs."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    outputs = {o.name: o for o in graph.output}
-    output = output or graph.output[0].name
-    check(output in outputs, f"--output {output!r} is not an output of the model ({list(outputs)})")
-    init_names = {t.name for t in graph.initializer}
-    real_inputs = [i for i in graph.input if i.name not in init_names]
-    del graph.input[:]
-    graph.input.extend(real_inputs)
-    for value in list(real_inputs) + list(graph.output):
-        _set_batch(value)
-    out = outputs[output]
-    out_shape = [d.dim_value if d.HasField("dim_value") else "batch" for d in out.type.tensor_type.shape.dim]
+def check_not_in_subgraphs(model, names):
+    inside = sorted(set(names) & prep.subgraph_initializer_uses(model))
+    if inside:
+        raise EdgezoError(f"{inside[0]!r} is read inside an If/Loop subgraph: weights used in control-flow bodies "
+                          "cannot be trained (choose other tensors)")
+
+
+def new_head(model, classes, seed=0):
+    """The model with its last Gemm/MatMul layer replaced by a fresh, seeded one with `classes` outputs."""
+    check(isinstance(classes, int) and classes >= 2, f"--num-classes must be >= 2, got {classes}")
+    model = prep.copy(model)
+    found = [n for n in layers(model) if n.op_type in ("Gemm", "MatMul")]
+    check(found, "--num-classes: the model has no Gemm/MatMul classifier layer to replace")
+    node, floats, alias = found[-1], _floats(model), prep.aliases(model)
+    by_name = {t.name: t for t in model.graph.initializer}
+    weight = alias.get(node.input[1], node.input[1])
+    check(weight in floats, f"--num-classes: the last layer {node.name or node.op_type!r} has no weight initializer")
+    w = numpy_helper.to_array(by_name[weight])
+    out_first = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    fan_in = w.shape[1] if out_first else w.shape[0]
+    rng = np.random.default_rng(seed)
+    bound = 1 / np.sqrt(fan_in)
+    fresh = rng.uniform(-bound, bound, (classes, fan_in) if out_first else (fan_in, classes)).astype(np.float32)
+    by_name[weight].CopyFrom(numpy_helper.from_array(fresh, weight))
+    bias = None
+    if node.op_type == "Gemm" and len(node.input) > 2:
+        bias = alias.get(node.input[2], node.input[2])
+    else:
+        follow = _consumers(model).get(node.output[0], [])
+        if node.op_type == "MatMul" and len(follow) == 1 and follow[0].op_type == "Add":
+            bias = next((alias.get(i, i) for i in follow[0].input if alias.get(i, i) in floats), None)
+    if bias is not None:
+        by_name[bias].CopyFrom(numpy_helper.from_array(rng.uniform(-bound, bound, classes).astype(np.float32), bias))
+    old = w.shape[0] if out_first else w.shape[1]
+    for value in model.graph.output:  # the class axis changes size
+        d = value.type.tensor_type.shape.dim
+        if d and d[-1].HasField("dim_value") and d[-1].dim_value == old:
+            d[-1].dim_value = classes
+    del model.graph.value_info[:]
+    return model
+
+
+def _loss_nodes(loss, scores):
+    """Nodes computing the scalar 'loss' from `scores` (output or logits) and the target."""
     if loss == "mse":
-        target = helper.make_tensor_value_info(TARGET, TensorProto.FLOAT, ["batch"] + out_shape[1:])
-        nodes = [helper.make_node("Sub", [output, TARGET], ["loss__diff"]),
-                 helper.make_node("Mul", ["loss__diff", "loss__diff"], ["loss__sq"]),
-                 helper.make_node("ReduceMean", ["loss__sq"], ["loss"], keepdims=0)]
-        classes = None
-    elif loss == "cross_entropy":
+        return [helper.make_node("Sub", [scores, TARGET], ["loss__diff"]),
+                helper.make_node("Mul", ["loss__diff", "loss__diff"], ["loss__sq"]),
+                helper.make_node("ReduceMean", ["loss__sq"], ["loss"], keepdims=0)]
+    if loss == "cross_entropy":
+        return [helper.make_node("SoftmaxCrossEntropyLoss", [scores, TARGET], ["loss"], reduction="mean")]
+    # binary cross-entropy on logits z: max(z, 0) - z y + log(1 + exp(-|z|))
+    return [helper.make_node("Relu", [scores], ["loss__pos"]), helper.make_node("Mul", [scores, TARGET], ["loss__zy"]),
+            helper.make_node("Abs", [scores], ["loss__abs"]), helper.make_node("Neg", ["loss__abs"], ["loss__neg"]),
+            helper.make_node("Softplus", ["loss__neg"], ["loss__sp"]),
+            helper.make_node("Sub", ["loss__pos", "loss__zy"], ["loss__a"]),
+            helper.make_node("Add", ["loss__a", "loss__sp"], ["loss__each"]),
+            helper.make_node("ReduceMean", ["loss__each"], ["loss"], keepdims=0)]
+
+
+def append_loss(model, loss, output, head):
+    """A copy of `model` with a target input and a scalar 'loss' output before the model's output.
+    `head`: (kind, logits, op) from onnx_prepare.output_head, or None (the loss reads the output)."""
+    model = prep.copy(model)
+    graph = model.graph
+    scores = head[1] if head else output
+    out = next(o for o in graph.output if o.name == output)
+    out_shape = value_info(out)["shape"]
+    classes = None
+    if loss == "cross_entropy":
         check(len(out_shape) == 2 and isinstance(out_shape[1], int),
               f"--loss cross_entropy needs an output of shape [batch, classes]; {output!r} has {out_shape}")
-        check(_opset(model) >= 12, f"--loss cross_entropy needs opset >= 12, the model has {_opset(model)}")
-        target = helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["batch"])
-        nodes = [helper.make_node("SoftmaxCrossEntropyLoss", [output, TARGET], ["loss"], reduction="mean")]
         classes = out_shape[1]
+        target = helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["batch"])
     else:
-        raise EdgezoError(f"--loss must be mse or cross_entropy, got {loss!r}")
-    graph.node.extend(nodes)
+        target = helper.make_tensor_value_info(TARGET, TensorProto.FLOAT, out_shape)
+    graph.node.extend(_loss_nodes(loss, scores))
     graph.input.append(target)
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info("loss", TensorProto.FLOAT, []), out])
-    return model, classes, real_inputs, out
+    return model, classes
 
 
-def export_onnx(model_path, out_dir, loss, trainable=None, last_layers=None, output=None):
-    """Make an artifact from an ONNX inference model. Give `trainable` glob patterns or `last_layers`."""
-    model = load_model(model_path)
-    check((trainable is None) != (last_layers is None), "give either --trainable PATTERN... or --last-layers K")
-    names = select_tensors(model, trainable) if trainable is not None else last_layer_tensors(model, last_layers)
-    with_loss, classes, inputs, out = append_loss(model, loss, output)
+def pick_loss(model, loss, output):
+    """(loss kind, head or None, what to tell the user). A Softmax/LogSoftmax output trains with cross-entropy on
+    its logits, a Sigmoid with binary cross-entropy on its logits; --loss mse keeps the output itself."""
+    head = prep.output_head(model, output)
+    if head is None:
+        check(loss is not None, f"give --loss (mse or cross_entropy): the output {output!r} has no Softmax/Sigmoid")
+        check(loss != "binary_cross_entropy", f"--loss binary_cross_entropy needs a Sigmoid output; {output!r} "
+                                              "has none")
+        return loss, None, f"loss: {loss} on the output {output!r}"
+    kind, logits, op = head
+    if loss == "mse":
+        return "mse", None, f"loss: mse on the output {output!r} ({op} probabilities, as asked)"
+    check(loss in (None, kind), f"--loss {loss}: the output {output!r} ends in {op}, which trains with {kind} on "
+                                f"its logits (or give --loss mse)")
+    return kind, head, f"loss: {kind} on the logits {logits!r} before the output's {op} (exact, finite)"
+
+
+def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None, output=None, norms=False,
+                biases=False, lora=None, lora_targets_glob=None, num_classes=None, fix_input=None, batch_axis=None,
+                seed=0, log=print):
+    """Make an artifact from an ONNX inference model. Choose tensors with `trainable` globs, `last_layers`,
+    `norms`, `biases` (combinable) and/or `lora` rank (adapters beside `lora_targets_glob` layers)."""
+    original = load_model(model_path)
+    if num_classes is not None:  # the new head goes into inference.onnx too (then at opset >= 13)
+        original = new_head(prepare(original, str(model_path))[0], num_classes, seed)
+    model, constants = prepare(original, str(model_path))
+    outputs = [o.name for o in model.graph.output]
+    output = output or outputs[0]
+    check(output in outputs, f"--output {output!r} is not an output of the model ({outputs})")
+    names = choose(model, trainable, last_layers, norms, biases) if (trainable or last_layers or norms or biases
+                                                                       or not lora) else []
+    adapters = lora_targets(model, lora_targets_glob) if lora else []
+    check_not_in_subgraphs(model, names + [a["weight"] for a in adapters])
+    for line in shared_notices(model, names):
+        log(line)
+    loss, head, said = pick_loss(model, loss, output)
+    log(said)
+    model = _trim_outputs(model, output)
+    fixed = prep.parse_fixed(fix_input, model)
+    init_names = {t.name for t in model.graph.initializer}
+    data_inputs = [i for i in model.graph.input if i.name not in init_names and i.name not in fixed]
+    check(data_inputs, "every graph input is fixed: at least one must carry the data")
+    axes = prep.batch_axes(model, data_inputs, prep.parse_batch_axes(batch_axis))
+    model = prep.fix_inputs(model, fixed, data_inputs[0], axes[data_inputs[0].name])
+    model, moved = prep.batch_first(model, axes)
+    if output in moved:
+        check(head is None, f"the output {output!r} has its batch on axis {axes[output]}: give an output with the "
+                            "batch first for a Softmax/Sigmoid head")
+    model = _batch_dims(model, [i.name for i in data_inputs] + [output])
+    if lora:
+        model, adapters = add_lora(model, adapters, lora, seed)
+        names = names + [e for a in adapters for e in (a["A"], a["B"])]
+    with_loss, classes = append_loss(model, loss, moved.get(output, output), head)
     loss_model, entries, frozen, flat = flatten_trainable(with_loss, names)
     check_model(loss_model, "the loss graph built from the model")
-    _smoke_test(loss_model, inputs, out, loss, classes, model_path)
+    inputs = [i for i in loss_model.graph.input if i.name in {d.name for d in data_inputs}]
+    out = next(o for o in loss_model.graph.output if o.name != "loss")
+    _smoke_test(loss_model, model_path)
     target_shape = ["batch"] + ([] if loss == "cross_entropy" else value_info(out)["shape"][1:])
+    loss_info = {"kind": loss, "output": "loss", "num_classes": classes}
+    if head:
+        loss_info.update(logits=head[1], head=head[2])
     manifest = build_manifest(
         trainable=entries, frozen=frozen, inputs=[value_info(v) for v in inputs],
         targets=[{"name": TARGET, "shape": target_shape, "dtype": "int64" if loss == "cross_entropy" else "float32"}],
-        outputs=[value_info(out)], loss={"kind": loss, "output": "loss", "num_classes": classes},
+        outputs=[value_info(out)], loss=loss_info,
         files={"loss": "loss.onnx", "inference": "inference.onnx", "params": "params.npy"},
-        source={"kind": "onnx", "model": str(Path(model_path).resolve())})
-    return write_artifact(out_dir, manifest, flat, {"loss.onnx": loss_model, "inference.onnx": model})
+        source={"kind": "onnx", "model": str(Path(model_path).resolve()), "constants": sorted(constants),
+                "fixed_inputs": sorted(fixed), "batch_axes": {k: v for k, v in axes.items() if v},
+                "num_classes": num_classes},
+        lora=adapters)
+    return write_artifact(out_dir, manifest, flat, {"loss.onnx": loss_model, "inference.onnx": original})
 
 
-def _smoke_test(loss_model, inputs, out, loss, classes, model_path):
-    """Run the loss graph on a batch of 2 zeros: catches fixed batch sizes and other mismatches."""
+def _trim_outputs(model, output):
+    model = prep.copy(model)
+    keep = [o for o in model.graph.output if o.name == output]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    return model
+
+
+def _batch_dims(model, names):
+    """The batch axis (first, after batch_first) of these inputs/outputs named 'batch'; other symbolic
+    dims keep their names, unnamed ones get one."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.name not in names:
+            continue
+        d = value.type.tensor_type.shape.dim
+        check(len(d) > 0, f"graph value {value.name!r} has no axes: it cannot carry a batch")
+        d[0].ClearField("dim_value")
+        d[0].dim_param = "batch"
+        for k, dim in enumerate(d[1:], start=1):
+            if not dim.HasField("dim_value") and not dim.dim_param:
+                dim.dim_param = f"{value.name}_dim{k}"
+    return model
+
+
+def _smoke_test(loss_model, model_path):
+    """Run the loss graph on a batch of 2 zeros; other dynamic dims get 8, so a failure that names a size of 2
+    is about the batch."""
     import onnxruntime as ort
     try:
         session = ort.InferenceSession(loss_model.SerializeToString(), providers=["CPUExecutionProvider"])
         feed = {}
         for i in session.get_inputs():
-            shape = [2 if not isinstance(d, int) else d for d in i.shape]
-            dtype = {"tensor(float)": np.float32, "tensor(int64)": np.int64}.get(i.type, np.float32)
+            if i.name == "params":
+                continue
+            shape = [d if isinstance(d, int) else (2 if k == 0 else 8) for k, d in enumerate(i.shape)]
+            dtype = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                     "tensor(double)": np.float64}.get(i.type, np.float32)
             feed[i.name] = np.zeros(shape, dtype)
+        params = next(i for i in session.get_inputs() if i.name == "params")
+        feed["params"] = np.zeros(params.shape, np.float32)
         session.run(["loss"], feed)
     except Exception as e:  # onnxruntime's own exception types
         first = str(e).strip().splitlines()[0][:200]
-        raise EdgezoError(f"{model_path}: the loss graph does not run on a batch of 2 (fixed batch size, or a "
-                          f"target that does not fit the output?): {first}") from None
+        raise EdgezoError(f"{model_path}: the loss graph does not run on a batch of 2 (other dynamic sizes 8): "
+                          f"{first}; a fixed batch size, a target that does not fit the output, or an input to fix "
+                          "with --fix-input?") from None

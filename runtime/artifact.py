@@ -49,10 +49,12 @@ class Artifact:
                 self._engine = GraphEngine.build(self.file("loss"), self.manifest,
                                                  propagate=self.engine_name == "auto",
                                                  memory_mb=self.engine_memory_mb, threads=self.threads)
-            except Unsupported as e:
+            except Exception as e:  # Unsupported, or onnxruntime refusing a cut: building never ends a run
+                why = str(e) if isinstance(e, Unsupported) else \
+                    f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
                 if self.engine_name == "batched":
-                    raise EdgezoError(f"--engine batched does not apply to {self.file('loss')}: {e}") from None
-                self.engine_note = f"fast engine not used ({e}); evaluating one perturbation per call"
+                    raise EdgezoError(f"--engine batched does not apply to {self.file('loss')}: {why}") from None
+                self.engine_note = f"fast engine not used ({why}); evaluating one perturbation per call"
                 return None
         return self._engine
 

@@ -142,6 +142,12 @@ def match_arrays(arrays, manifest, source="data"):
         check(shape_ok, f"{source}: {name!r} has shape {list(value.shape)}, the artifact wants "
                         f"[N, {', '.join(map(str, want))}]".replace(", ]", "]"))
         out[name] = value.astype(spec["dtype"], copy=False)
+        if value.dtype.kind == "f":
+            bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise EdgezoError(f"{source}: {name!r} has a NaN or infinite value in row {row} ({int(bad.sum())} "
+                                  "rows in all); clean the data before training")
     sizes = {k: len(v) for k, v in out.items()}
     check(len(set(sizes.values())) == 1, f"{source}: arrays have different numbers of rows {sizes}")
     check(next(iter(sizes.values())) > 0, f"{source}: the dataset is empty")

@@ -56,9 +56,17 @@ def per_sample_losses(out, target, kind):
     if kind == "mse":
         diff = out.astype(np.float64) - target
         return (diff * diff).reshape(len(out), -1).mean(axis=1)
+    if kind == "binary_cross_entropy":  # on logits z: max(z, 0) - z y + log(1 + exp(-|z|))
+        z = out.astype(np.float64)
+        return (np.maximum(z, 0) - z * target + np.log1p(np.exp(-np.abs(z)))).reshape(len(out), -1).mean(axis=1)
     z = out.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     return np.log(np.exp(z).sum(axis=-1)) - np.take_along_axis(z, target[:, None], axis=-1)[:, 0]
+
+
+def scores_name(manifest):
+    """The tensor the loss reads: the logits before a Softmax/Sigmoid output, else the model output."""
+    return manifest["loss"].get("logits") or manifest["outputs"][0]["name"]
 
 
 def session_options(threads):
@@ -225,13 +233,15 @@ class BatchNorm(Layer):
         scale = self.value("scale", x) / np.sqrt(self.value("var", x) + self.eps)
         return scale, self.value("bias", x) - self.value("mean", x) * scale
 
-    def forward(self, a, x):
+    def forward(self, a, x):  # a [N, C, ...]: any number of trailing axes (BatchNorm1d after a Gemm too)
         scale, shift = self.scale_shift(x)
-        return a * scale[:, None, None] + shift[:, None, None]
+        tail = (1,) * (a.ndim - 2)
+        return a * scale.reshape(-1, *tail) + shift.reshape(-1, *tail)
 
-    def on_block(self, v, channels, size, x):
+    def on_block(self, v, channels, size, x):  # v [R, N, ...] blocks of channel channels[r]
         scale, shift = self.scale_shift(x)
-        return v * scale[channels][:, None, None, None] + shift[channels][:, None, None, None]
+        tail = (1,) * (v.ndim - 1)
+        return v * scale[channels].reshape(-1, *tail) + shift[channels].reshape(-1, *tail)
 
 
 class Flatten(Layer):
@@ -311,12 +321,47 @@ def _ancestors(nodes, kinds, output):
     return kept[::-1]
 
 
+def subgraph_inputs(node):
+    """The names a node reads: its inputs plus the outer-scope names its If/Loop/Scan bodies use."""
+    names = [n for n in node.input if n]
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            local = {t.name for t in g.initializer} | {i.name for i in g.input}
+            for inner in g.node:
+                names += [n for n in subgraph_inputs(inner) if n not in local]
+                local.update(inner.output)
+    return names
+
+
+def cut(model, inputs, outputs):
+    """The part of `model` from `inputs` to `outputs` (values used inside If/Loop bodies are kept)."""
+    graph = model.graph
+    producer = {o: node for node in graph.node for o in node.output}
+    seen, keep, stack = set(inputs), set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(subgraph_inputs(node))
+    types = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    missing = [n for n in outputs if n not in types]
+    if missing:
+        raise Unsupported(f"cannot cut the graph: no type for {missing[0]!r}")
+    sub = onnx.helper.make_graph([n for n in graph.node if id(n) in keep], "cut", [types[n] for n in inputs],
+                                 [types[n] for n in outputs], [t for t in graph.initializer if t.name in seen])
+    return onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
 class Subgraphs:
     """Sessions for parts of loss.onnx from the flat params and the model input to given tensors, made
     on first use and cached (the few most recent). A session computes only what its outputs need."""
 
     def __init__(self, model, manifest, threads, keep=8):
-        self.extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+        self.model = onnx.shape_inference.infer_shapes(model)
         self.inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
         self.threads, self.keep, self.sessions = threads, keep, {}
 
@@ -325,10 +370,7 @@ class Subgraphs:
         key = tuple(names)
         session = self.sessions.pop(key, None)
         if session is None:
-            try:
-                model = self.extractor.extract_model(self.inputs, list(names))
-            except ValueError as e:  # Extractor needs every output's type
-                raise Unsupported(f"cannot cut the graph: {e}") from None
+            model = cut(self.model, self.inputs, list(names))
             session = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
                                            providers=["CPUExecutionProvider"])
         self.sessions[key] = session
@@ -350,7 +392,7 @@ class GraphEngine:
         self.kind = manifest["loss"]["kind"]
         self.input_name = manifest["inputs"][0]["name"]
         self.target_name = manifest["targets"][0]["name"]
-        self.output = manifest["outputs"][0]["name"]
+        self.output = scores_name(manifest)
         self.owner = np.empty(manifest["num_params"], np.int64)  # flat index -> layer index
         for j, layer in enumerate(layers):
             for entry in layer.params.values():
@@ -365,7 +407,7 @@ class GraphEngine:
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None):
         """The engine for loss.onnx at model_path; raises Unsupported where an op or pattern is not handled."""
         model = onnx.load(str(model_path))
-        if manifest["loss"]["kind"] not in ("mse", "cross_entropy"):
+        if manifest["loss"]["kind"] not in ("mse", "cross_entropy", "binary_cross_entropy"):
             raise Unsupported(f"loss kind {manifest['loss']['kind']!r}")
         if len(manifest["inputs"]) != 1 or len(manifest["targets"]) != 1:
             raise Unsupported("more than one input or target")
@@ -378,7 +420,7 @@ class GraphEngine:
                 const[node.output[0]] = numpy_helper.to_array(attrs["value"]) if "value" in attrs \
                     else np.array(attrs.get("value_ints"))
         kinds = _kinds(graph, const, manifest["params_input"], manifest["inputs"][0]["name"])
-        output = manifest["outputs"][0]["name"]
+        output = scores_name(manifest)
         nodes = _ancestors([n for n in graph.node if kinds[n.output[0]] == "data"], kinds, output)
         folded = sorted({n for node in nodes for n in node.input[1:]
                          if n and kinds.get(n) == "static" and n not in const and n not in entries})
@@ -531,7 +573,8 @@ class GraphEngine:
         offset = layer.params[role]["offset"]
         xs[np.arange(len(element)), offset + element] += delta
         channels = element
-        base_in = acts[layer.inputs[0]][:, channels].transpose(1, 0, 2, 3)
+        a = acts[layer.inputs[0]]
+        base_in = a[:, channels].transpose(1, 0, 2, 3) if a.ndim == 4 else a[:, channels].T[..., None]
         v = np.stack([layer.on_block(base_in[r:r + 1], channels[r:r + 1], 1, xs[r])[0] for r in range(len(element))])
         return channels, v
 
