@@ -142,7 +142,7 @@ def match_arrays(arrays, manifest, source="data"):
         check(shape_ok, f"{source}: {name!r} has shape {list(value.shape)}, the artifact wants "
                         f"[N, {', '.join(map(str, want))}]".replace(", ]", "]"))
         out[name] = value.astype(spec["dtype"], copy=False)
-        if value.dtype.kind == "f":
+        if value.dtype.kind == "f" and value.size:
             bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])

@@ -76,10 +76,12 @@ def test_resume_of_another_artifact_is_refused(mlp_artifact, cnn_artifact, sarco
 
 
 def diverging_data(path, nan_row=None):
+    """With nan_row: that row is finite but huge, so its batch's loss overflows to inf (NaN data is refused
+    before training)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 21)).astype(np.float32)
     if nan_row is not None:
-        x[nan_row] = np.nan
+        x[nan_row] = 3e38
     np.savez(path, x=x, y=rng.standard_normal((256, 7)).astype(np.float32))
     return path
 
