@@ -36,16 +36,21 @@ class MemAvailableSampler:
         return None if self.start is None else self.start - self.low
 
 
+def _fixed(spec):
+    """A value's per-sample shape, with 8 for its dynamic non-batch dims (a sequence length, an image width)."""
+    return [d if isinstance(d, int) else 8 for d in spec["shape"][1:]]
+
+
 def batch(manifest, size, rng):
     import numpy as np
     arrays = {}
     for spec in manifest["inputs"]:
-        arrays[spec["name"]] = rng.standard_normal((size, *spec["shape"][1:])).astype(spec["dtype"])
+        arrays[spec["name"]] = rng.standard_normal((size, *_fixed(spec))).astype(spec["dtype"])
     for spec in manifest["targets"]:
         if spec["dtype"].startswith("int"):
             arrays[spec["name"]] = rng.integers(0, manifest["loss"]["num_classes"], size)
         else:
-            arrays[spec["name"]] = rng.standard_normal((size, *spec["shape"][1:])).astype(spec["dtype"])
+            arrays[spec["name"]] = rng.standard_normal((size, *_fixed(spec))).astype(spec["dtype"])
     return arrays
 
 
@@ -81,7 +86,7 @@ def run_torch(cfg, manifest, data, mark):
     module, _ = load_reference(cfg["artifact"])
     module = module.to(device)
     loss_fn = LOSSES[manifest["loss"]["kind"]]
-    inputs = [torch.from_numpy(data[v["name"]]).to(device) for v in manifest["inputs"]]
+    inputs = [torch.from_numpy(np.asarray(data[v["name"]])).to(device) for v in manifest["inputs"]]
     targets = [torch.from_numpy(np.asarray(data[v["name"]])).to(device) for v in manifest["targets"]]
     params = [dict(module.named_parameters())[e["name"]] for e in manifest["trainable"]]
     mark()

@@ -11,7 +11,8 @@ from onnx.utils import Extractor
 from ..runtime.errors import EdgezoError
 from .onnx_graph import build_manifest, check_model, flatten_trainable, value_info, write_artifact
 
-LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy,
+          "binary_cross_entropy": F.binary_cross_entropy_with_logits}
 PREFIX = "model."
 
 
@@ -120,11 +121,16 @@ def torch_losses(model, loss, inputs, targets):
 
 
 def load_reference(artifact_dir, params=None):
-    """The artifact's forward as a trainable torch module (reference.pt2), optionally with `params` loaded."""
+    """The artifact's forward as a trainable torch module, optionally with `params` loaded: its reference.pt2,
+    or for an imported ONNX model (none there) loss.onnx through the ONNX-to-torch interpreter."""
     from ..runtime.manifest import read
     artifact_dir = Path(artifact_dir)
     manifest = read(artifact_dir / "manifest.json")
-    module = torch.export.load(str(artifact_dir / manifest["files"]["reference"])).module()
+    if "reference" in manifest["files"]:
+        module = torch.export.load(str(artifact_dir / manifest["files"]["reference"])).module()
+    else:
+        from .onnx_torch import OnnxModule
+        module = OnnxModule(artifact_dir)
     if params is not None:
         state = dict(module.named_parameters())
         for e in manifest["trainable"]:
