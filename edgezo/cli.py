@@ -5,44 +5,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .runtime.errors import EdgezoError, check
-
-OPTIMIZERS = ("cocd", "bccd", "spsa", "zosgd", "mezo", "cge")
-
-
-def parse_memory(text, n):
-    """--memory: a count (an integer) or a fraction of n in (0, 1] (a number with a point)."""
-    try:
-        value = int(text)
-    except ValueError:
-        try:
-            fraction = float(text)
-        except ValueError:
-            raise EdgezoError(f"--memory must be a count or a fraction in (0, 1], got {text!r}") from None
-        check(0 < fraction <= 1, f"--memory fraction must be in (0, 1], got {text}")
-        return max(1, int(round(fraction * n)))
-    check(1 <= value <= n, f"--memory must be in [1, n={n}], got {value}")
-    return value
-
-
-def make_optimizer(args, params):
-    from .runtime import optim
-    directional = {"spsa": optim.SPSA, "zosgd": optim.ZOSGD, "mezo": optim.MeZOSGD}
-    if args.optimizer in directional:
-        return directional[args.optimizer](params, lr=args.lr, mu=args.mu, directions=args.directions, seed=args.seed)
-    if args.optimizer == "cge":
-        return optim.CGE(params, lr=args.lr, mu=args.mu, budget=args.budget, weight_decay=args.weight_decay)
-    memory = None if args.memory is None else parse_memory(args.memory, params.size)
-    gamma = 0.0 if args.optimizer == "bccd" else args.gamma
-    return optim.CoCD(params, lr=args.lr, eps=args.eps, budget=args.budget, memory=memory, gamma=gamma,
-                      weight_decay=args.weight_decay, central=not args.one_sided)
-
-
-def optimizer_settings(opt):
-    state = opt.state_dict()
-    return {k: v for k, v in state.items() if not isinstance(v, np.ndarray) and k not in ("steps", "refreshed", "rng")}
+from .runtime.run import DEFAULTS, OPTIMIZERS, load_train_val, write_run
 
 
 def prepare_out(out):
@@ -61,125 +25,16 @@ def cmd_export(args):
     print(f"exported {args.model} ({read(Path(path) / 'manifest.json')['num_params']} trainable params) to {path}")
 
 
-def load_train_val(args, manifest):
-    from .runtime import data
-    train = data.load_data(args.data, manifest, args.target_columns)
-    if args.val_data:
-        return train, data.load_data(args.val_data, manifest, args.target_columns)
-    if args.val_fraction:
-        return data.split(train, args.val_fraction, args.seed)
-    return train, None
-
-
-RUN_CONFIG = "config.json"
-PATH_ARGS = ("artifact", "data", "val_data")
-
-
-def resume_args(args):
-    """The saved arguments of the run folder given to --resume (paths absolute), with --resume kept."""
-    run = Path(args.resume)
-    check(run.is_dir(), f"--resume {run}: not a run folder")
-    try:
-        saved = json.loads((run / RUN_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgezoError(f"--resume {run}: cannot read {RUN_CONFIG} ({type(e).__name__})") from None
-    check((run / "metrics.json").exists() is False, f"--resume {run}: this run already finished")
-    if args.artifact is not None:
-        from .runtime.checkpoint import fingerprint
-        check(fingerprint(args.artifact) == saved["fingerprint"],
-              f"--resume {run}: its checkpoint belongs to another artifact than {args.artifact}")
-    return argparse.Namespace(**{**saved, "resume": str(run), "out": str(run)})
-
-
 def cmd_train(args):
-    from .runtime import checkpoint, load_artifact
-    from .runtime.data import check_batch_size, num_rows
-    from .runtime.files import save_json
-    from .runtime.train import DivergenceGuard, fit
-    if args.resume:
-        args = resume_args(args)
-    else:
-        check(args.artifact is not None and args.data is not None and args.out is not None,
-              "train needs ARTIFACT, --data and --out (or --resume RUN_DIR)")
-        prepare_out(args.out)
-        for key in PATH_ARGS:
-            if getattr(args, key):
-                setattr(args, key, str(Path(getattr(args, key)).resolve()))
-    check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
-    check(args.checkpoint_every is None or args.checkpoint_every >= 1,
-          f"--checkpoint-every must be >= 1 steps, got {args.checkpoint_every}")
-    artifact = load_artifact(args.artifact, device=args.device, threads=args.threads, backend=args.backend,
-                             engine=getattr(args, "engine", "auto"),
-                             engine_memory_mb=getattr(args, "engine_memory_mb", 256),
-                             lean_memory=getattr(args, "lean_memory", False))
-    params = artifact.initial_params()
-    opt = make_optimizer(args, params)
-    guard = DivergenceGuard(args.divergence_factor, args.on_divergence, log=lambda line: print(line, flush=True))
-    train, val = load_train_val(args, artifact.manifest)
-    n_rows = num_rows(train)
-    check_batch_size(args.batch_size, n_rows)
-    out = Path(args.out)
-    position, history = (0, 0), []
-    if args.resume:
-        saved_params, state, info = checkpoint.load(out)
-        check(saved_params.shape == params.shape and info["fingerprint"] == args.fingerprint,
-              f"--resume {out}: {checkpoint.NAME} does not belong to this run's artifact")
-        params[:] = saved_params
-        opt.load_state_dict(state)
-        position, history = tuple(info["position"]), info["history"]
-        print(f"resuming at epoch {position[0] + 1}, batch {position[1]} (step {opt.steps})", flush=True)
-    else:
-        from .runtime.checkpoint import fingerprint
-        args.fingerprint = fingerprint(args.artifact)
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(out / RUN_CONFIG, {k: v for k, v in vars(args).items() if k not in ("func", "resume")})
-    from .runtime.data import batches_per_epoch
-    per_epoch = batches_per_epoch(n_rows, args.batch_size, drop_last=artifact.fixed_batch is not None)
-
-    def on_step(epoch, b, result):
-        if args.checkpoint_every and opt.steps % args.checkpoint_every == 0 and not result.diverged:
-            nxt = (epoch, b + 1) if b + 1 < per_epoch else (epoch + 1, 0)
-            checkpoint.save(out, params, opt.state_dict(),
-                            {"position": nxt, "history": history, "fingerprint": args.fingerprint})
-
-    print(f"training {artifact.num_params} params on {n_rows} rows with {args.optimizer} "
-          f"({', '.join(f'{k}={v}' for k, v in optimizer_settings(opt).items() if k != 'type')}) "
-          f"on {artifact.device} via {artifact.backend}", flush=True)
-    artifact.fast_engine()
-    if artifact.engine_note:
-        print(artifact.engine_note, flush=True)
-    start = time.perf_counter()
-    fit(artifact, opt, train, args.batch_size, args.epochs, seed=args.seed, val_data=val,
-        log=lambda line: print(line, flush=True), start_epoch=position[0], start_batch=position[1],
-        on_step=on_step, on_epoch=history.append, guard=guard)
-    metrics = {"optimizer": args.optimizer, "settings": optimizer_settings(opt), "steps": opt.steps,
-               "device": artifact.device, "seconds": time.perf_counter() - start, "history": history,
-               "divergence_events": guard.events, "resumed": bool(args.resume), "backend": artifact.backend,
-               "engine": "naive" if artifact.fast_engine() is None else artifact.engine_name}
-    write_run(args, artifact.file("inference"), artifact.manifest, params, metrics)
-
-
-def write_run(args, inference_path, manifest, params, metrics):
-    """params.npy, trained.onnx and metrics.json into the run folder, each written atomically."""
-    from .devices.memory import peak_rss_mb
-    from .exporters.onnx_graph import write_back
-    from .runtime.files import save_json, save_npy
-    out = Path(args.out)
-    metrics = {"artifact": str(Path(args.artifact).resolve()), **metrics, "batch_size": args.batch_size,
-               "epochs": args.epochs, "seed": args.seed, "peak_rss_mb": peak_rss_mb(),
-               "torch_imported": sys.modules.get("torch") is not None}
-    out.mkdir(parents=True, exist_ok=True)
-    save_npy(out / "params.npy", params)
-    write_back(inference_path, manifest["trainable"], params, out / "trained.onnx",
-               {"optimizer": metrics["optimizer"], "settings": metrics.get("settings", {}), "steps": metrics["steps"]},
-               lora=manifest.get("lora", ()))
-    save_json(out / "metrics.json", metrics)
-    print(f"wrote {out}/params.npy, trained.onnx, metrics.json")
+    from .runtime.run import _train
+    _train(args, log=lambda line: print(line, flush=True))
 
 
 def cmd_train_torch(args):
+    from .devices.memory import rss_mb
     from .reference import fit_torch
     from .runtime.manifest import read
+    baseline = rss_mb()  # after torch's import, as edgezo train's is after onnxruntime's
     prepare_out(args.out)
     check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     manifest = read(Path(args.artifact) / "manifest.json")
@@ -191,7 +46,7 @@ def cmd_train_torch(args):
                                 log=lambda line: print(line, flush=True))
     metrics = {"optimizer": f"torch-{args.optimizer}", "settings": {"lr": args.lr, "weight_decay": args.weight_decay},
                "steps": history[-1]["steps"], "device": "cpu", "seconds": time.perf_counter() - start,
-               "history": history}
+               "history": history, "rss_baseline_mb": baseline}
     write_run(args, Path(args.artifact) / manifest["files"]["inference"], manifest, params, metrics)
 
 
@@ -368,7 +223,7 @@ def build_parser():
     p.add_argument("--threads", type=int, default=2,
                    help="onnxruntime threads (fixed, so results do not depend on the machine's load)")
     add_train_flags(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, **DEFAULTS)  # runtime.run.DEFAULTS: one place for Python and CLI users
 
     p = sub.add_parser("train-torch", help="first-order reference: torch SGD/momentum/Adam on reference.pt2")
     p.add_argument("artifact")

@@ -4,7 +4,7 @@ For a weight W the loss graph reads W + delta(B @ A) instead of W, with A [r, fa
 +-1/sqrt(fan_in)) and B [out, r] (zeros: the model is unchanged at start). delta reshapes B @ A to W's
 layout: as is for Gemm transB=1 ([out, in]), transposed for MatMul and Gemm transB=0 ([in, out]),
 reshaped for Conv ([out, in/groups, kh, kw]). Write-back merges W + delta into the weight, so the
-deployed file keeps its graph and size (`merge`).
+deployed file keeps its graph and size (runtime.writeback.merge).
 """
 import fnmatch
 
@@ -53,14 +53,6 @@ def _sizes(target):
     return (shape[0], shape[1]) if target["layout"] == "out_in" else (shape[1], shape[0])
 
 
-def delta(target, a, b):
-    """delta(B @ A) in W's layout (numpy)."""
-    product = b.astype(np.float32) @ a.astype(np.float32)
-    if target["layout"] == "in_out":
-        return product.T
-    return product.reshape(target["shape"])
-
-
 def add_lora(model, targets, rank, seed=0):
     """The model with adapters (A, B initializers; W replaced by W + delta in every node reading it), and the
     targets with their A and B names and rank."""
@@ -92,9 +84,3 @@ def add_lora(model, targets, rank, seed=0):
     del graph.node[:]
     graph.node.extend(nodes + rest)
     return model, done
-
-
-def merge(weights, lora, values):
-    """{weight name: W + delta} for each adapter, from {name: array} of the weights and of the trained A, B."""
-    return {t["weight"]: (weights[t["weight"]] + delta(t, values[t["A"]], values[t["B"]])).astype(np.float32)
-            for t in lora}

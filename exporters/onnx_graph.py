@@ -2,7 +2,7 @@
 
 - `flatten_trainable`: the chosen initializers become slices of one flat float32 graph input.
 - `write_artifact`: the artifact folder, written atomically (a temp folder renamed into place).
-- `write_back`: the inference graph with trained values, plus training metadata.
+- `write_back` (from runtime.writeback, torch-free): the inference graph with trained values.
 """
 import json
 import os
@@ -14,22 +14,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..runtime.errors import EdgezoError, check
-from ..runtime.files import atomic_write, check_new_folder
+from ..runtime.errors import EdgezoError
+from ..runtime.files import check_new_folder
 from ..runtime.manifest import FORMAT_VERSION, validate
+from ..runtime.writeback import edgezo_version, write_back  # noqa: F401  (exporters.write_back)
 
 PARAMS_INPUT = "params"
 OPSET = 18
 _DTYPES = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.INT64: "int64",
            TensorProto.INT32: "int32"}
-
-
-def edgezo_version():
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("edgezo")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def value_info(value):
@@ -139,41 +132,3 @@ def write_artifact(out_dir, manifest, params, models, extra_files=()):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def write_back(inference_path, trainable, params, out_path, metadata=None, lora=()):
-    """The inference model at `inference_path` with the trainable tensors set from `params`: initializers
-    or Constant nodes (written back as Constant nodes); LoRA adapters merged into their weights."""
-    from .lora import merge
-    model = onnx.load(str(inference_path))
-    tensors = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] not in tensors:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                tensors[node.output[0]] = value
-    values = {e["name"]: np.asarray(params[e["offset"]:e["offset"] + e["size"]], np.float32).reshape(e["shape"])
-              for e in trainable}
-    factors = {name for t in lora for name in (t["A"], t["B"])}
-    updates = {name: v for name, v in values.items() if name not in factors}
-    weights = {}
-    for t in lora:
-        check(t["weight"] in tensors, f"{inference_path}: has no weight {t['weight']!r} for a LoRA adapter")
-        weights[t["weight"]] = updates.get(t["weight"], numpy_helper.to_array(tensors[t["weight"]]))
-    updates.update(merge(weights, lora, values))
-    for name, value in updates.items():
-        tensor = tensors.get(name)
-        if tensor is None:
-            raise EdgezoError(f"{inference_path}: has no initializer or Constant {name!r} listed in the manifest")
-        check(list(tensor.dims) == list(value.shape), f"{inference_path}: {name!r} has shape {list(tensor.dims)}, "
-                                                      f"the manifest {list(value.shape)}")
-        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
-    info = {"edgezo_version": edgezo_version(), **(metadata or {})}
-    keep = [p for p in model.metadata_props if not p.key.startswith("edgezo")]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for key, value in info.items():
-        model.metadata_props.add(key=f"edgezo.{key}" if key != "edgezo_version" else "edgezo.version",
-                                 value=value if isinstance(value, str) else json.dumps(value))
-    atomic_write(out_path, lambda path: onnx.save(model, str(path)))
-    return out_path

@@ -27,8 +27,7 @@ def preset_rows(model):
                      "last_k": len(order) - order.index(name) if name in order else None,
                      "norms": sum(sizes[w] for w in fresh if w in norms),
                      "biases": sum(sizes[w] for w in fresh if w in biases),
-                     "lora": lora.get(weights[1] if node.op_type in LORA_OPS and len(weights) > 1 else weights[0], 0)
-                     if node.op_type in LORA_OPS else 0})
+                     "lora": lora.get(alias.get(node.input[1], node.input[1]), 0) if node.op_type in LORA_OPS else 0})
     return rows
 
 

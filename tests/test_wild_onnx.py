@@ -271,3 +271,24 @@ def test_cli_refuses_nan_data_and_bad_params_files(tmp_path):
     np.save(tmp_path / "p2d.npy", np.zeros((3, 7), np.float32))
     proc = run_cli("write-back", tmp_path / "art", tmp_path / "p2d.npy", "--out", tmp_path / "o.onnx")
     assert proc.returncode == 2 and "(21,)" in proc.stderr and not (tmp_path / "o.onnx").exists(), proc.stderr
+
+
+def test_python_api_trains_resumes_and_writes_back_without_the_cli(tmp_path):
+    from edgezo.runtime import run
+    path, _ = softmax_mlp(tmp_path, 13, constants=False)
+    art = export_onnx(path, tmp_path / "art", None, last_layers=1, log=lambda line: None)
+    np.savez(tmp_path / "d.npz", x=arr(96, 4, scale=1.0), y=RNG.integers(0, 3, 96))
+    whole = run.train(art, tmp_path / "d.npz", tmp_path / "whole", epochs=2, batch_size=16, budget=5, lr=0.05,
+                      log=lambda line: None)
+    lines = []
+    with pytest.raises(run.EdgezoError, match="unknown training setting 'bugdet'"):
+        run.train(art, tmp_path / "d.npz", tmp_path / "typo", bugdet=5)
+    # an interrupted run: a checkpoint mid-way, metrics not yet written; resume finishes it bit-identically
+    part = run.train(art, tmp_path / "d.npz", tmp_path / "part", epochs=2, batch_size=16, budget=5, lr=0.05,
+                     checkpoint_every=4, log=lines.append)
+    (tmp_path / "part" / "metrics.json").unlink()
+    resumed = run.resume(tmp_path / "part", log=lines.append)
+    assert resumed["steps"] == whole["steps"] == part["steps"] == 12
+    assert np.array_equal(np.load(tmp_path / "part" / "params.npy"), np.load(tmp_path / "whole" / "params.npy"))
+    out = run.write_back(tmp_path / "whole", tmp_path / "adapted.onnx")
+    assert onnx.load(out).graph.output[0].name == "out"

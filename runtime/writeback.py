@@ -1,0 +1,72 @@
+"""Write-back: the deployed inference model with trained values (torch-free: onnx and numpy only).
+
+Trainable tensors go back where the model keeps them (initializers, or Constant nodes for files that store
+weights that way); LoRA adapters are merged into their weights, so the file keeps its graph and size.
+"""
+import json
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import EdgezoError, check
+from .files import atomic_write
+
+
+def edgezo_version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("edgezo")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def delta(target, a, b):
+    """delta(B @ A) in W's layout (numpy)."""
+    product = b.astype(np.float32) @ a.astype(np.float32)
+    if target["layout"] == "in_out":
+        return product.T
+    return product.reshape(target["shape"])
+
+
+def merge(weights, lora, values):
+    """{weight name: W + delta} for each adapter, from {name: array} of the weights and of the trained A, B."""
+    return {t["weight"]: (weights[t["weight"]] + delta(t, values[t["A"]], values[t["B"]])).astype(np.float32)
+            for t in lora}
+
+
+def write_back(inference_path, trainable, params, out_path, metadata=None, lora=()):
+    """The inference model at `inference_path` with the trainable tensors set from `params`: initializers
+    or Constant nodes (written back as Constant nodes); LoRA adapters merged into their weights."""
+    model = onnx.load(str(inference_path))
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] not in tensors:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                tensors[node.output[0]] = value
+    values = {e["name"]: np.asarray(params[e["offset"]:e["offset"] + e["size"]], np.float32).reshape(e["shape"])
+              for e in trainable}
+    factors = {name for t in lora for name in (t["A"], t["B"])}
+    updates = {name: v for name, v in values.items() if name not in factors}
+    weights = {}
+    for t in lora:
+        check(t["weight"] in tensors, f"{inference_path}: has no weight {t['weight']!r} for a LoRA adapter")
+        weights[t["weight"]] = updates.get(t["weight"], numpy_helper.to_array(tensors[t["weight"]]))
+    updates.update(merge(weights, lora, values))
+    for name, value in updates.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise EdgezoError(f"{inference_path}: has no initializer or Constant {name!r} listed in the manifest")
+        check(list(tensor.dims) == list(value.shape), f"{inference_path}: {name!r} has shape {list(tensor.dims)}, "
+                                                      f"the manifest {list(value.shape)}")
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    info = {"edgezo_version": edgezo_version(), **(metadata or {})}
+    keep = [p for p in model.metadata_props if not p.key.startswith("edgezo")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in info.items():
+        model.metadata_props.add(key=f"edgezo.{key}" if key != "edgezo_version" else "edgezo.version",
+                                 value=value if isinstance(value, str) else json.dumps(value))
+    atomic_write(out_path, lambda path: onnx.save(model, str(path)))
+    return out_path
