@@ -123,8 +123,14 @@ def cmd_plan(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
-    run_demo(args)
+    if args.task == "sarcos":
+        from .demo import run_demo
+        args.epochs = args.epochs or 12
+        run_demo(args)
+    else:
+        check(args.sarcos is None, "--sarcos belongs to --task sarcos")
+        from .adapt_demo import run_adapt_demo
+        run_adapt_demo(args.out, args.epochs or 20)
 
 
 def add_train_flags(p):
@@ -268,9 +274,13 @@ def build_parser():
     p.add_argument("--out", help="write the plan as JSON here")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("demo", help="robot-arm inverse dynamics: CoCD and BCCD via onnxruntime vs torch SGD")
+    p = sub.add_parser("demo", help="adapt a deployed classifier forward-only (CoCD, BCCD, MeZO vs backprop SGD); "
+                       "--task sarcos: the paper's SARCOS MLP from scratch")
+    p.add_argument("--task", choices=("adapt", "sarcos"), default="adapt",
+                   help="adapt (default): the deployed digit classifier meets Fashion-MNIST with a new head; "
+                   "sarcos: robot-arm inverse dynamics from scratch")
     p.add_argument("--out", default="runs/demo", help="folder for results (replaced if it exists)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, help="default 20 (adapt) or 12 (sarcos)")
     p.add_argument("--sarcos", help="a sarcos_inv.mat to use instead of the built-in arm model")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -311,6 +311,15 @@ def _kinds(graph, const, params_name, input_name):
     return kinds
 
 
+def _tainted(graph, params_name):
+    """The tensors that depend on the flat params (through node inputs and If/Loop bodies)."""
+    tainted = {params_name}
+    for node in graph.node:
+        if any(name in tainted for name in subgraph_inputs(node)):
+            tainted.update(node.output)
+    return tainted
+
+
 def _ancestors(nodes, kinds, output):
     """The data nodes the model output depends on, in graph (topological) order."""
     needed, kept = {output}, []
@@ -422,6 +431,11 @@ class GraphEngine:
         kinds = _kinds(graph, const, manifest["params_input"], manifest["inputs"][0]["name"])
         output = scores_name(manifest)
         nodes = _ancestors([n for n in graph.node if kinds[n.output[0]] == "data"], kinds, output)
+        # the frozen part (data nodes that no trainable tensor reaches) runs once per step in onnxruntime,
+        # any op; only the nodes downstream of a trainable tensor become numpy layers
+        tainted = _tainted(graph, manifest["params_input"])
+        frozen = [node for node in nodes if node.output[0] not in tainted]
+        nodes = [node for node in nodes if node.output[0] in tainted]
         folded = sorted({n for node in nodes for n in node.input[1:]
                          if n and kinds.get(n) == "static" and n not in const and n not in entries})
         # one run at a dummy batch of 2 (zeros): the folded tensors' values and every activation's shape
@@ -441,7 +455,7 @@ class GraphEngine:
             layer.make_session(threads)
         # Convolutions run much faster in onnxruntime; for Gemm-only graphs numpy's forward is faster
         # than a session call (measured: SARCOS MLP 3.4 vs 4.3 ms per step)
-        base = subgraphs if convs else None
+        base = subgraphs if convs or frozen else None
         widest = max(probe[layer.output].nbytes // 2 for layer in layers)
         return cls(layers, manifest, propagate, memory_mb, base, widest)
 
