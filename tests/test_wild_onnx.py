@@ -292,3 +292,24 @@ def test_python_api_trains_resumes_and_writes_back_without_the_cli(tmp_path):
     assert np.array_equal(np.load(tmp_path / "part" / "params.npy"), np.load(tmp_path / "whole" / "params.npy"))
     out = run.write_back(tmp_path / "whole", tmp_path / "adapted.onnx")
     assert onnx.load(out).graph.output[0].name == "out"
+
+
+def test_engine_runs_the_frozen_backbone_once_whatever_its_ops(tmp_path):
+    """The demo's deployed model has depthwise (grouped) convs the numpy layers do not cover: with only the
+    head trainable, the backbone is the frozen part (one onnxruntime call) and the engine applies, exactly."""
+    from edgezo.adapt_demo import MODEL
+    art = load_artifact(export_onnx(MODEL, tmp_path / "art", "cross_entropy", last_layers=1, log=lambda line: None),
+                        "cpu")
+    assert art.fast_engine() is not None, art.engine_note
+    params = art.initial_params() + arr(art.num_params, scale=0.05)
+    x, y = RNG.random((16, 1, 28, 28), dtype=np.float32), RNG.integers(0, 10, 16)
+    feed = art.feeds({"image": x}, {"target": y})
+    opt = CoCD(params.copy(), lr=0.1, eps=0.01, budget=40)
+    for _ in range(3):  # steps across the head's weight and bias
+        probe = opt.ask()
+        fast, naive = art.losses(params, probe, feed, feed), art.naive_losses(params, probe, feed)
+        assert np.allclose(fast, naive, rtol=1e-5, atol=0)
+        opt.tell(naive)
+    whole = load_artifact(export_onnx(MODEL, tmp_path / "all", "cross_entropy", trainable=["*weight"],
+                                      log=lambda line: None), "cpu")
+    assert whole.fast_engine() is None and "grouped" in whole.engine_note
