@@ -16,11 +16,22 @@ def prepare_out(out):
 
 def cmd_export(args):
     from .exporters.models import builtin
-    from .exporters.torch_export import export_module
+    from .exporters.torch_export import export_module, select_parameters
     prepare_out(args.out)
     model, x, y, loss = builtin(args.model, seed=args.seed, batch=args.batch_size)
+    names = select_parameters(model, args.trainable, args.last_layers, args.norms, args.biases)
     formats = ("onnx", "pte") if args.pte else ("onnx",)
-    path = export_module(model, x, y, loss, args.out, formats=formats)
+    if args.lora:  # adapters live in the ONNX graph: export the frozen model, then add them as export-onnx does
+        import tempfile
+        from .exporters.onnx_import import export_onnx
+        check(not args.pte, "--lora with --pte is not supported (adapters live in the ONNX loss graph)")
+        with tempfile.TemporaryDirectory() as tmp:
+            full = export_module(model, x, y, loss, Path(tmp) / "full")
+            path = export_onnx(full / "inference.onnx", args.out, loss, trainable=args.trainable,
+                               last_layers=args.last_layers, norms=args.norms, biases=args.biases, lora=args.lora,
+                               lora_targets_glob=args.lora_targets, seed=args.seed)
+    else:
+        path = export_module(model, x, y, loss, args.out, trainable=names, formats=formats)
     from .runtime.manifest import read
     print(f"exported {args.model} ({read(Path(path) / 'manifest.json')['num_params']} trainable params) to {path}")
 
@@ -152,6 +163,19 @@ def add_train_flags(p):
     p.add_argument("--seed", type=int, default=0, help="data order and validation split")
 
 
+def add_selection_flags(p):
+    """What to train, shared by export and export-onnx (combinable: their union trains)."""
+    p.add_argument("--trainable", nargs="+", metavar="PATTERN",
+                   help="glob patterns of tensors to train (matched against Identity aliases' names too)")
+    p.add_argument("--last-layers", type=int, metavar="K", help="train the last K Gemm/MatMul/Conv layers")
+    p.add_argument("--norms", action="store_true", help="train BatchNorm/LayerNorm scale and shift")
+    p.add_argument("--biases", action="store_true", help="train every bias (BitFit)")
+    p.add_argument("--lora", type=int, metavar="RANK",
+                   help="train low-rank adapters (A [r, in], B [out, r], B = 0 at start) beside the frozen "
+                   "Gemm/MatMul/Conv weights; write-back merges them into the weights")
+    p.add_argument("--lora-targets", metavar="GLOB", help="--lora: only the layers whose weight or node name matches")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="edgezo", description="Forward-only on-device training (CoCD).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +186,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="weight initialization seed")
     p.add_argument("--pte", action="store_true", help="also write model.pte (ExecuTorch)")
     p.add_argument("--batch-size", type=int, default=64, help="example batch; the fixed batch of model.pte")
+    add_selection_flags(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("export-onnx", help="make an artifact from an ONNX inference model (no torch)",
@@ -170,15 +195,7 @@ def build_parser():
                        "the tensors and what each preset would train.")
     p.add_argument("model", help="the deployed model, an .onnx file (any opset >= 7; Constant-node weights are "
                    "trainable too)")
-    p.add_argument("--trainable", nargs="+", metavar="PATTERN",
-                   help="glob patterns of tensors to train (matched against Identity aliases' names too)")
-    p.add_argument("--last-layers", type=int, metavar="K", help="train the last K Gemm/MatMul/Conv layers")
-    p.add_argument("--norms", action="store_true", help="train BatchNorm/LayerNorm scale and shift")
-    p.add_argument("--biases", action="store_true", help="train every bias (BitFit)")
-    p.add_argument("--lora", type=int, metavar="RANK",
-                   help="train low-rank adapters (A [r, in], B [out, r], B = 0 at start) beside the frozen "
-                   "Gemm/MatMul/Conv weights; write-back merges them into the weights")
-    p.add_argument("--lora-targets", metavar="GLOB", help="--lora: only the layers whose weight or node name matches")
+    add_selection_flags(p)
     p.add_argument("--num-classes", type=int, metavar="K",
                    help="replace the final classifier layer with a fresh, seeded one for K classes")
     p.add_argument("--seed", type=int, default=0, help="--lora and --num-classes initialization seed")

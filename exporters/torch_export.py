@@ -137,3 +137,36 @@ def load_reference(artifact_dir, params=None):
             value = np.asarray(params[e["offset"]:e["offset"] + e["size"]]).reshape(e["shape"])
             state[e["name"]].data.copy_(torch.from_numpy(np.ascontiguousarray(value)))
     return module, manifest
+
+
+NORM_TYPES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.LayerNorm,
+              torch.nn.GroupNorm, torch.nn.InstanceNorm2d)
+LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+
+
+def select_parameters(model, trainable=None, last_layers=None, norms=False, biases=False):
+    """`edgezo export`'s selections on a torch module (union, in named_parameters order); None: all."""
+    import fnmatch
+    if not (trainable or last_layers or norms or biases):
+        return None
+    names = set()
+    params = dict(model.named_parameters())
+    for pattern in trainable or ():
+        hits = [n for n in params if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise EdgezoError(f"--trainable {pattern!r} matches no parameter of the model")
+        names.update(hits)
+    modules = list(model.named_modules())
+    if last_layers:
+        layers = [(n, m) for n, m in modules if isinstance(m, LAYER_TYPES)]
+        if last_layers > len(layers):
+            raise EdgezoError(f"--last-layers {last_layers}: the model has only {len(layers)} Linear/Conv layers")
+        names.update(f"{n}.{p}" for n, m in layers[-last_layers:] for p, _ in m.named_parameters(recurse=False))
+    if norms:
+        found = {f"{n}.{p}" for n, m in modules if isinstance(m, NORM_TYPES) for p, _ in m.named_parameters(recurse=False)}
+        if not found:
+            raise EdgezoError("--norms: the model has no BatchNorm/LayerNorm/GroupNorm with affine parameters")
+        names |= found
+    if biases:
+        names.update(n for n in params if n.endswith("bias"))
+    return [n for n in params if n in names]

@@ -313,3 +313,13 @@ def test_engine_runs_the_frozen_backbone_once_whatever_its_ops(tmp_path):
     whole = load_artifact(export_onnx(MODEL, tmp_path / "all", "cross_entropy", trainable=["*weight"],
                                       log=lambda line: None), "cpu")
     assert whole.fast_engine() is None and "grouped" in whole.engine_note
+
+
+def test_export_of_a_torch_model_takes_the_same_selections(tmp_path):
+    run_cli("export", "--model", "sarcos-mlp", "--biases", "--last-layers", "1", "--out", tmp_path / "b", check=True)
+    names = [e["name"] for e in load_artifact(tmp_path / "b", "cpu").manifest["trainable"]]
+    assert names == ["0.bias", "2.bias", "4.bias", "6.bias", "8.weight", "8.bias"]
+    run_cli("export", "--model", "sarcos-mlp", "--lora", "2", "--lora-targets", "8.*", "--out", tmp_path / "l",
+            check=True)
+    m = load_artifact(tmp_path / "l", "cpu").manifest
+    assert [a["weight"] for a in m["lora"]] == ["8.weight"] and m["num_params"] == 2 * (32 + 7)
