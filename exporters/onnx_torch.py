@@ -189,29 +189,15 @@ class OnnxModule(torch.nn.Module):
             torch.nn.Parameter(torch.from_numpy(init[e["offset"]:e["offset"] + e["size"]].reshape(e["shape"]).copy()))
             for e in self.entries)
         self.consts = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
-        from ..runtime.engine import scores_name
+        from ..runtime.engine import reachable, scores_name
         self.output = scores_name(self.manifest)
         self.input_names = [v["name"] for v in self.manifest["inputs"]]
-        self.nodes = self._needed(graph)
+        self.nodes = reachable(graph, [self.output])[0]
         unknown = sorted({n.op_type for n in self.nodes if n.op_type not in OPS and n.op_type not in ("Constant", "Split")})
         if unknown:
             raise EdgezoError(f"the ONNX-to-torch interpreter has no op {unknown[0]}"
                               + (f" (nor {', '.join(unknown[1:])})" if len(unknown) > 1 else "")
                               + ": no first-order baseline for this model")
-
-    def _needed(self, graph):
-        producer = {o: n for n in graph.node for o in n.output}
-        needed, kept, stack = set(), set(), [self.output]
-        while stack:
-            name = stack.pop()
-            if name in needed:
-                continue
-            needed.add(name)
-            node = producer.get(name)
-            if node is not None:
-                kept.add(id(node))
-                stack.extend(i for i in node.input if i)
-        return [n for n in graph.node if id(n) in kept]
 
     def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
         """(manifest name, Parameter) pairs, as a reference.pt2 module names them."""

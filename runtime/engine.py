@@ -342,9 +342,8 @@ def subgraph_inputs(node):
     return names
 
 
-def cut(model, inputs, outputs):
-    """The part of `model` from `inputs` to `outputs` (values used inside If/Loop bodies are kept)."""
-    graph = model.graph
+def reachable(graph, outputs, inputs=()):
+    """(the nodes `outputs` need, in graph order; every name they read), stopping at `inputs`."""
     producer = {o: node for node in graph.node for o in node.output}
     seen, keep, stack = set(inputs), set(), list(outputs)
     while stack:
@@ -356,11 +355,18 @@ def cut(model, inputs, outputs):
         if node is not None and id(node) not in keep:
             keep.add(id(node))
             stack.extend(subgraph_inputs(node))
+    return [n for n in graph.node if id(n) in keep], seen
+
+
+def cut(model, inputs, outputs):
+    """The part of `model` from `inputs` to `outputs` (values used inside If/Loop bodies are kept)."""
+    graph = model.graph
+    nodes, seen = reachable(graph, outputs, inputs)
     types = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
     missing = [n for n in outputs if n not in types]
     if missing:
         raise Unsupported(f"cannot cut the graph: no type for {missing[0]!r}")
-    sub = onnx.helper.make_graph([n for n in graph.node if id(n) in keep], "cut", [types[n] for n in inputs],
+    sub = onnx.helper.make_graph(nodes, "cut", [types[n] for n in inputs],
                                  [types[n] for n in outputs], [t for t in graph.initializer if t.name in seen])
     return onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
 
