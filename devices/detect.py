@@ -24,14 +24,31 @@ PROFILES = {
 JETSON_RESERVED_MB = 1200
 
 
-def meminfo_mb(field="MemTotal"):
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+def parse_meminfo(text):
+    """/proc/meminfo text -> {field: MiB} (its values are in kB)."""
+    out = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[name.strip()] = int(parts[0]) / 1024
+    return out
+
+
+def meminfo_mb(field="MemTotal", text=None):
+    """One /proc/meminfo field in MiB (or of `text`, a recorded sample), None where absent."""
+    if text is None:
+        try:
+            text = Path("/proc/meminfo").read_text()
+        except OSError:
+            return None
+    return parse_meminfo(text).get(field)
+
+
+def nvmap_used_mb(text=None):
+    """Jetson: GPU memory allocated through NvMap (NvMapMemUsed in /proc/meminfo, as jetson-stats reads it
+    on Orin, where NVML has no memory query), or None on other machines."""
+    return meminfo_mb("NvMapMemUsed", text)
 
 
 def jetson():
@@ -81,6 +98,23 @@ def describe():
     elif info["gpus"]:
         info["kind"] = "cuda"
     return info
+
+
+def nvml_process_mb(pid=None):
+    """GPU memory this process (or `pid`) holds on all GPUs, through NVML (desktop GPUs), or None."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        total = 0.0
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i)):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    total += proc.usedGpuMemory / 2 ** 20
+        pynvml.nvmlShutdown()
+        return total
+    except Exception:  # no pynvml, no driver, or a Jetson (no NVML memory query)
+        return None
 
 
 def nvml_used_mb():

@@ -13,27 +13,42 @@ TORCH_METHODS = ("torch-cocd", "sgd", "momentum", "adam")
 
 
 class MemAvailableSampler:
-    """Samples /proc/meminfo MemAvailable (Jetson: GPU memory is system RAM); reports the largest drop."""
+    """Jetson (GPU memory is system RAM, no NVML memory query): samples /proc/meminfo for the largest drop of
+    MemAvailable and the largest rise of NvMapMemUsed (GPU allocations through NvMap)."""
 
     def __init__(self, period=0.01):
-        from edgezo.devices.detect import meminfo_mb
-        self.read, self.period = meminfo_mb, period
-        self.start = self.low = meminfo_mb("MemAvailable")
+        from edgezo.devices.detect import parse_meminfo
+        self.parse, self.period = parse_meminfo, period
+        first = self.sample()
+        self.start = dict(first)
+        self.low_available, self.high_nvmap = first.get("MemAvailable"), first.get("NvMapMemUsed")
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def sample(self):
+        try:
+            with open("/proc/meminfo") as f:
+                return self.parse(f.read())
+        except OSError:
+            return {}
+
     def _run(self):
         while self.running:
-            value = self.read("MemAvailable")
-            if value is not None and self.low is not None:
-                self.low = min(self.low, value)
+            now = self.sample()
+            if now.get("MemAvailable") is not None and self.low_available is not None:
+                self.low_available = min(self.low_available, now["MemAvailable"])
+            if now.get("NvMapMemUsed") is not None and self.high_nvmap is not None:
+                self.high_nvmap = max(self.high_nvmap, now["NvMapMemUsed"])
             time.sleep(self.period)
 
     def stop(self):
+        """{memavailable_drop_mb, nvmap_used_rise_mb} (None where the field is absent)."""
         self.running = False
         self.thread.join()
-        return None if self.start is None else self.start - self.low
+        drop = None if self.low_available is None else self.start["MemAvailable"] - self.low_available
+        rise = None if self.high_nvmap is None else self.high_nvmap - self.start["NvMapMemUsed"]
+        return {"memavailable_drop_mb": drop, "nvmap_used_rise_mb": rise}
 
 
 def _fixed(spec):
@@ -124,7 +139,7 @@ def main():
         import torch  # noqa: F401
     else:
         import onnxruntime  # noqa: F401
-    from edgezo.devices.detect import jetson, nvml_used_mb
+    from edgezo.devices.detect import jetson, nvml_process_mb, nvml_used_mb
     from edgezo.devices.memory import peak_rss_mb, rss_mb
     from edgezo.runtime.manifest import read
     baseline = rss_mb()
@@ -148,8 +163,11 @@ def main():
     if nvml_before is not None:
         after = nvml_used_mb()
         result["nvml_used_rise_mb"] = None if after is None else after - nvml_before
-    if sampler:
-        result["memavailable_drop_mb"] = sampler.stop()
+        result["nvml_process_mb"] = nvml_process_mb()  # desktop GPUs: this process's GPU memory
+    if sampler:  # Jetson: RSS plus the NvMap (GPU) allocations, labelled as such, and the MemAvailable drop
+        result.update(sampler.stop())
+        if result["nvmap_used_rise_mb"] is not None:
+            result["jetson_rss_plus_nvmap_mb"] = result["peak_rss_mb"] + result["nvmap_used_rise_mb"]
     print(json.dumps(result))
 
 

@@ -77,3 +77,28 @@ def test_profile_writes_table_json_and_png(mlp_artifact, tmp_path):
     assert measured["edgezo CoCD m=n"]["torch_imported"] is False and measured["torch Adam"]["torch_imported"]
     assert report["analytic_mb"]["torch Adam"]["optimizer state"] == pytest.approx(2 * 4 * 12039 / 2 ** 20)
     assert (tmp_path / "p" / "profile.png").stat().st_size > 10_000 and "torch Adam" in proc.stdout
+
+
+ORIN_MEMINFO = """MemTotal:        7620480 kB
+MemFree:          412772 kB
+MemAvailable:    3512940 kB
+Buffers:           51324 kB
+Cached:          2911304 kB
+SwapCached:            0 kB
+Active:          2290220 kB
+NvMapMemFree:      70660 kB
+NvMapMemUsed:    1214828 kB
+CmaTotal:         524288 kB
+CmaFree:          510832 kB
+HugePages_Total:       0
+"""
+
+
+def test_jetson_meminfo_parser_on_a_recorded_orin_sample():
+    from edgezo.devices.detect import meminfo_mb, nvmap_used_mb, parse_meminfo
+    values = parse_meminfo(ORIN_MEMINFO)
+    assert values["MemAvailable"] == 3512940 / 1024 and values["HugePages_Total"] == 0
+    assert nvmap_used_mb(ORIN_MEMINFO) == 1214828 / 1024
+    assert meminfo_mb("MemTotal", ORIN_MEMINFO) == 7620480 / 1024
+    desktop = "\n".join(line for line in ORIN_MEMINFO.splitlines() if not line.startswith("NvMap"))
+    assert nvmap_used_mb(desktop) is None
