@@ -37,12 +37,12 @@ class Artifact:
         self.engine_name, self.engine_memory_mb = engine, engine_memory_mb
         if lean_memory:  # freed activations go back to the OS at once: a lower peak, some speed lost
             check(return_freed_memory(), "--lean-memory needs glibc's mallopt (Linux); this C library has none")
-        self._engine, self.engine_note = None, None
+        self._engine, self.engine_note, self._no_engine = None, None, False
 
     def fast_engine(self):
         """The graph engine for this loss graph, or None (with engine_note saying why) where it does not apply."""
-        if self.engine_name == "naive" or self.device != "cpu" or self.engine_note:
-            return None
+        if self._engine is not None or self.engine_name == "naive" or self.device != "cpu" or self._no_engine:
+            return self._engine
         if self._engine is None:
             from .engine import GraphEngine, Unsupported
             try:
@@ -55,8 +55,32 @@ class Artifact:
                 if self.engine_name == "batched":
                     raise EdgezoError(f"--engine batched does not apply to {self.file('loss')}: {why}") from None
                 self.engine_note = f"fast engine not used ({why}); evaluating one perturbation per call"
+                self._no_engine = True
                 return None
+            paths = self._engine.tensor_paths()
+            naive = {name: path for name, path in paths.items() if path != "engine"}
+            if naive and self.engine_name == "batched":
+                raise EdgezoError(f"--engine batched does not apply to {len(naive)} trainable tensors of "
+                                  f"{self.file('loss')}: {sorted(set(naive.values()))[0]}")
+            if len(naive) == len(paths):
+                ops = "; ".join(sorted(set(v[len("naive: "):] for v in naive.values())))
+                self._engine, self._no_engine = None, True
+                self.engine_note = (f"fast engine not used: every trainable tensor's perturbations reach ops it has "
+                                    f"no code for: {ops}; evaluating one perturbation per call")
+                return None
+            if naive:
+                ops = sorted({op for v in naive.values() for op in v[len("naive: "):].split(", ")})
+                self.engine_note = (f"fast engine used for {len(paths) - len(naive)} of {len(paths)} trainable tensors; "
+                                    f"{len(naive)} ({', '.join(list(naive)[:4])}{', ...' if len(naive) > 4 else ''}) "
+                                    f"go naive: their perturbations reach {', '.join(ops)}")
         return self._engine
+
+    def tensor_paths(self):
+        """{trainable tensor: the path its steps use} (metrics.json's engine_paths)."""
+        engine = self.fast_engine()
+        if engine is None:
+            return {e["name"]: "naive" for e in self.manifest["trainable"]}
+        return engine.tensor_paths()
 
     def file(self, key):
         return self.path / self.manifest["files"][key]
@@ -147,9 +171,16 @@ class Artifact:
         self._check_params(params)
         feed = self.feeds(inputs, targets)
         engine = self.fast_engine() if isinstance(probe, CoordinateProbe) else None
-        if engine is not None:
+        if engine is None:
+            return self.naive_losses(params, probe, feed)
+        fast = engine.covers(probe.index) | (probe.delta == 0)
+        if fast.all():
             return engine.losses(params, probe, feed, feed)
-        return self.naive_losses(params, probe, feed)
+        out = np.empty(len(probe))  # rows whose perturbation reaches an op the engine lacks: one call each
+        if fast.any():
+            out[fast] = engine.losses(params, CoordinateProbe(probe.index[fast], probe.delta[fast]), feed, feed)
+        out[~fast] = self.naive_losses(params, CoordinateProbe(probe.index[~fast], probe.delta[~fast]), feed)
+        return out
 
     def naive_losses(self, params, probe, feed):
         """One runtime call per probe row: the reference every faster path must match."""

@@ -111,6 +111,14 @@ class Layer:
         return x[entry["offset"]:entry["offset"] + entry["size"]].reshape(entry["shape"])
 
 
+class Opaque(Layer):
+    """An op the numpy layers do not cover: onnxruntime computes its base value; perturbations that reach it
+    (or own a tensor it reads) take the naive path."""
+
+    def forward_from(self, acts, x):
+        raise Unsupported(f"op {self.node.op_type}")
+
+
 class Gemm(Layer):
     linear = True
 
@@ -417,6 +425,27 @@ class GraphEngine:
             for name in layer.inputs:
                 self.consumers.setdefault(name, []).append(layer)
         self._downstream, self._needs = {}, {}
+        # per layer that owns trainable tensors: None (the engine's path) or the ops that send it naive
+        self.naive_ops = {}
+        for j, layer in enumerate(layers):
+            if layer.params:
+                blocked = [later for later, _ in self.downstream(layer.output) if isinstance(later, Opaque)]
+                blocked = ([layer] if isinstance(layer, Opaque) else []) + blocked
+                self.naive_ops[j] = sorted({f"{b.node.op_type} ({b.reason})" for b in blocked}) or None
+        self.engine_layer = np.array([self.naive_ops.get(j) is None for j in range(len(layers))])
+
+    def covers(self, index):
+        """Per probe coordinate: whether the engine evaluates it (else its row takes the naive path)."""
+        return self.engine_layer[self.owner[index]]
+
+    def tensor_paths(self):
+        """{trainable tensor: "engine" or "naive: <ops>"}."""
+        out = {}
+        for j, layer in enumerate(self.layers):
+            for entry in layer.params.values():
+                ops = self.naive_ops.get(j)
+                out[entry["name"]] = "engine" if ops is None else "naive: " + ", ".join(ops)
+        return out
 
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None):
@@ -449,19 +478,26 @@ class GraphEngine:
         probe = subgraphs.run(folded + [node.output[0] for node in nodes], np.zeros(manifest["num_params"], np.float32),
                               np.zeros([2] + list(manifest["inputs"][0]["shape"][1:]), np.float32))
         const.update({n: probe[n] for n in folded})
-        used = set()
-        layers = [cls._layer(node, const, entries, used, kinds) for node in nodes]
+        used, layers = set(), []
+        for node in nodes:  # an op without numpy code becomes Opaque: only the tensors it affects go naive
+            try:
+                layer = cls._layer(node, const, entries, used, kinds)
+                if isinstance(layer, Flatten) and probe[layer.output].shape != (2, probe[layer.output][0].size):
+                    raise Unsupported(f"{node.op_type} to shape {list(probe[layer.output].shape)} (only [batch, -1])")
+            except Unsupported as e:
+                layer = Opaque(node, {}, {f"t{i}": entries[n] for i, n in enumerate(node.input) if n in entries},
+                               [n for n in node.input if kinds.get(n) == "data"])
+                layer.reason = str(e)
+                used.update(n for n in node.input if n in entries)
+            layers.append(layer)
         if set(entries) - used:
-            raise Unsupported(f"trainable tensors outside the handled ops: {sorted(set(entries) - used)[:3]}")
-        for layer in layers:
-            if isinstance(layer, Flatten) and probe[layer.output].shape != (2, probe[layer.output][0].size):
-                raise Unsupported(f"{layer.node.op_type} to shape {probe[layer.output].shape} (only [batch, -1])")
+            raise Unsupported(f"trainable tensors outside the graph's data path: {sorted(set(entries) - used)[:3]}")
         convs = [layer for layer in layers if isinstance(layer, Conv)]
         for layer in convs:
             layer.make_session(threads)
         # Convolutions run much faster in onnxruntime; for Gemm-only graphs numpy's forward is faster
         # than a session call (measured: SARCOS MLP 3.4 vs 4.3 ms per step)
-        base = subgraphs if convs or frozen else None
+        base = subgraphs if convs or frozen or any(isinstance(layer, Opaque) for layer in layers) else None
         widest = max(probe[layer.output].nbytes // 2 for layer in layers)
         return cls(layers, manifest, propagate, memory_mb, base, widest)
 

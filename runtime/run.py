@@ -158,7 +158,8 @@ def _train(args, log=print):
     metrics = {"optimizer": args.optimizer, "settings": optimizer_settings(opt), "steps": opt.steps,
                "device": artifact.device, "seconds": time.perf_counter() - start, "history": history,
                "divergence_events": guard.events, "resumed": bool(args.resume), "backend": artifact.backend,
-               "engine": "naive" if artifact.fast_engine() is None else artifact.engine_name}
+               "engine": "naive" if artifact.fast_engine() is None else artifact.engine_name,
+               "engine_paths": artifact.tensor_paths() if artifact.backend == "onnxruntime" else {}}
     metrics["rss_baseline_mb"] = baseline
     return write_run(args, artifact.file("inference"), artifact.manifest, params, metrics, log)
 

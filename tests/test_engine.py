@@ -105,7 +105,7 @@ def test_resnet20_sampled_steps(tmp_path):
     assert n_steps == 10  # 8,515 steps of 32: every 997th and the last
 
 
-def test_engine_falls_back_where_an_op_is_not_handled(tmp_path):
+def test_engine_falls_back_per_tensor_where_an_op_is_not_handled(tmp_path):
     from test_onnx_import import init, save
     from onnx import helper
     from edgezo.exporters.onnx_import import export_onnx
@@ -115,9 +115,13 @@ def test_engine_falls_back_where_an_op_is_not_handled(tmp_path):
                 ["N", 3])
     art = export_onnx(path, tmp_path / "art", "mse", trainable=["*"])
     artifact = load_artifact(art, device="cpu")
-    assert artifact.fast_engine() is None and "op Sigmoid" in artifact.engine_note
+    assert artifact.fast_engine() is not None and "Sigmoid (op Sigmoid)" in artifact.engine_note
+    paths = artifact.tensor_paths()  # only the tensors whose perturbations reach the Sigmoid go naive
+    assert paths == {"w1": "naive: Sigmoid (op Sigmoid)", "b1": "naive: Sigmoid (op Sigmoid)", "w2": "engine",
+                     "b2": "engine"}
     x, y = np.ones((3, 4), np.float32), np.zeros((3, 3), np.float32)
-    probe = next(probes(artifact, 5, 1e-2))
+    from edgezo.runtime.optim import CoordinateProbe
+    probe = CoordinateProbe(np.array([0, 33, 40, 66, 0, 40]), np.array([1e-2] * 4 + [-1e-2] * 2, np.float32))
     assert np.allclose(artifact.losses(artifact.initial_params(), probe, x, y),
                        load_artifact(art, device="cpu", engine="naive").losses(artifact.initial_params(), probe, x, y))
     with pytest.raises(EdgezoError, match="--engine batched does not apply"):

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import run_cli
 from edgezo.exporters.onnx_import import export_onnx
 from edgezo.runtime import load_artifact
-from edgezo.runtime.optim import CoCD
+from edgezo.runtime.optim import CoCD, CoordinateProbe
 
 RNG = np.random.default_rng(1)
 
@@ -310,9 +310,17 @@ def test_engine_runs_the_frozen_backbone_once_whatever_its_ops(tmp_path):
         fast, naive = art.losses(params, probe, feed, feed), art.naive_losses(params, probe, feed)
         assert np.allclose(fast, naive, rtol=1e-5, atol=0)
         opt.tell(naive)
-    whole = load_artifact(export_onnx(MODEL, tmp_path / "all", "cross_entropy", trainable=["*weight"],
+    whole = load_artifact(export_onnx(MODEL, tmp_path / "all", "cross_entropy", trainable=["*weight", "17.bias"],
                                       log=lambda line: None), "cpu")
-    assert whole.fast_engine() is None and "grouped" in whole.engine_note
+    paths = whole.tensor_paths()  # per tensor: the head goes through the engine, the convs before it naive
+    assert paths["17.weight"] == "engine" and paths["17.bias"] == "engine"
+    assert paths["1.weight"].startswith("naive: Conv (grouped") and "go naive" in whole.engine_note
+    params = whole.initial_params() + arr(whole.num_params, scale=0.01)
+    n = whole.num_params
+    probe = CoordinateProbe(np.array([0, 5, n - 300, n - 1, n - 300, 0]), np.array([0.01, 0.01, 0.01, 0.01, -0.01,
+                                                                                   -0.01], np.float32))
+    feed = whole.feeds({"image": x}, {"target": y})
+    assert np.allclose(whole.losses(params, probe, feed, feed), whole.naive_losses(params, probe, feed), rtol=1e-5)
 
 
 def test_export_of_a_torch_model_takes_the_same_selections(tmp_path):
