@@ -38,7 +38,10 @@ def main():
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", help="only draw the PNG of this JSON")
     args = parser.parse_args()
+    if args.plot:
+        return plot(args.plot)
     train, test = mnist_data(SHARED / "datasets" / "mnist")
     test = {k: v[:1000] for k, v in test.items()}
     probe_x = train["x"][:512]
@@ -78,7 +81,32 @@ def main():
         fit(art, opt, train, 128, args.epochs, seed=0, log=None, on_step=on_step)
     except Collapsed:
         print(f"collapsed by step {opt.steps}")
-    write_json(name, {"gamma": args.gamma, "lr": args.lr, "records": records})
+    plot(write_json(name, {"gamma": args.gamma, "lr": args.lr, "records": records}))
+
+
+def plot(path):
+    """PNG beside the JSON: test accuracy, dead ReLU channels per layer and the buffer's norm over steps."""
+    import json
+    from pathlib import Path
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = json.loads(Path(path).read_text())
+    recs = data["records"]
+    steps = [r["step"] for r in recs]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    a.plot(steps, [100 * r["test_accuracy"] for r in recs], label="test accuracy (%)")
+    a.plot(steps, [10 * r["buffer_norm"] for r in recs], label="10 x buffer norm", alpha=0.6)
+    a.legend(fontsize=7)
+    a.set_title(f"paper-cnn, MNIST, CoCD gamma {data['gamma']} (lr {data['lr']}, eps 0.1, B 256)")
+    for k, layer in enumerate(recs[0]["dead_relu_channels"]):
+        b.plot(steps, [100 * r["dead_relu_channels"][layer] for r in recs], label=f"conv{k + 1} ReLU")
+    b.set_ylabel("dead channels (%)")
+    b.set_xlabel("step (469 per epoch)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
