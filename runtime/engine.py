@@ -425,27 +425,88 @@ class GraphEngine:
             for name in layer.inputs:
                 self.consumers.setdefault(name, []).append(layer)
         self._downstream, self._needs = {}, {}
-        # per layer that owns trainable tensors: None (the engine's path) or the ops that send it naive
-        self.naive_ops = {}
+        # per layer that owns trainable tensors: its path ("engine", "stacked: <ops>" where ops without numpy
+        # code lie downstream and onnxruntime runs that part on copies stacked on the batch axis, or
+        # "naive: <ops>" where the owner itself has no code or the stacked part mixes samples)
+        self.paths, self._suffixes = {}, {}
         for j, layer in enumerate(layers):
             if layer.params:
                 blocked = [later for later, _ in self.downstream(layer.output) if isinstance(later, Opaque)]
-                blocked = ([layer] if isinstance(layer, Opaque) else []) + blocked
-                self.naive_ops[j] = sorted({f"{b.node.op_type} ({b.reason})" for b in blocked}) or None
-        self.engine_layer = np.array([self.naive_ops.get(j) is None for j in range(len(layers))])
+                ops = ", ".join(sorted({f"{b.node.op_type} ({b.reason})" for b in blocked}))
+                if isinstance(layer, Opaque):
+                    self.paths[j] = f"naive: {layer.node.op_type} ({layer.reason})"
+                else:
+                    self.paths[j] = f"stacked: {ops}" if blocked else "engine"
+        self.engine_layer = np.array([not self.paths.get(j, "").startswith("naive") for j in range(len(layers))])
 
     def covers(self, index):
         """Per probe coordinate: whether the engine evaluates it (else its row takes the naive path)."""
         return self.engine_layer[self.owner[index]]
 
     def tensor_paths(self):
-        """{trainable tensor: "engine" or "naive: <ops>"}."""
-        out = {}
-        for j, layer in enumerate(self.layers):
-            for entry in layer.params.values():
-                ops = self.naive_ops.get(j)
-                out[entry["name"]] = "engine" if ops is None else "naive: " + ", ".join(ops)
-        return out
+        """{trainable tensor: "engine", "stacked: <ops>" or "naive: <ops>"}."""
+        return {entry["name"]: self.paths[j] for j, layer in enumerate(self.layers) for entry in layer.params.values()}
+
+    def dense_start(self, t):
+        """Where the dense part begins for a change of tensor t (see _propagate)."""
+        for layer in self._sparse_path(t):
+            t = layer.output
+        return t
+
+    def suffix(self, start):
+        """(onnxruntime session from `start` to the loss's scores, names of the other activations it reads)."""
+        if start not in self._suffixes:
+            import onnxruntime as ort
+            graph = self.subgraphs.model.graph
+            params = self.manifest["params_input"]
+            after = {start}
+            nodes = []
+            for node in graph.node:
+                if any(n in after for n in subgraph_inputs(node)):
+                    nodes.append(node)
+                    after.update(node.output)
+            inits = {t.name for t in graph.initializer}
+            extra = sorted({n for node in nodes for n in subgraph_inputs(node)  # params and constants: cut computes
+                            if n not in after and n not in inits and self.kinds.get(n) in ("data", "batch")})
+            model = cut(self.subgraphs.model, [params, start] + extra, [self.output])
+            session = ort.InferenceSession(model.SerializeToString(), session_options(self.subgraphs.threads),
+                                           providers=["CPUExecutionProvider"])
+            self._suffixes[start] = (session, extra)
+        return self._suffixes[start]
+
+    def run_suffix(self, start, rows, acts, sample, x):
+        """Scores of the changed (copy, sample) rows [k, ...] of `start`, stacked on the batch axis; the other
+        activations the suffix reads are the base ones of the same samples."""
+        session, extra = self.suffix(start)
+        feed = {self.manifest["params_input"]: x, start: np.ascontiguousarray(rows)}
+        for name in extra:
+            value = acts[name]
+            feed[name] = value[sample] if self.kinds.get(name) == "data" else value
+        return session.run(None, feed)[0]
+
+    def check_stacking(self, a0):
+        """Each stacked suffix must treat samples independently: a run on two different stacked copies must
+        equal separate runs (training-mode BatchNorm, batch reductions and batch sizes baked into a Reshape
+        fail this). Layers whose suffix fails go naive, and the path says why."""
+        x = np.zeros(self.manifest["num_params"], np.float32)
+        for j, path in list(self.paths.items()):
+            if not path.startswith("stacked"):
+                continue
+            start = self.dense_start(self.layers[j].output)
+            session, extra = self.suffix(start)
+            acts = self.subgraphs.run(sorted({start, self.output} | set(extra)), x, a0)
+            n = len(a0)
+            other = acts[start] * np.float32(0.5) + np.float32(0.25)
+            both = np.concatenate([acts[start], other])
+            try:
+                stacked = self.run_suffix(start, both, acts, np.concatenate([np.arange(n), np.arange(n)]), x)[:n]
+                alone = self.run_suffix(start, acts[start], acts, np.arange(n), x)
+                ok = stacked.shape == alone.shape and np.allclose(stacked, alone, rtol=1e-4, atol=1e-5)
+            except Exception:  # onnxruntime refusing the stacked batch (a batch size baked into a shape)
+                ok = False
+            if not ok:
+                self.paths[j] = "naive: " + path[len("stacked: "):] + " (mixes samples or fixes the batch size)"
+        self.engine_layer = np.array([not self.paths.get(j, "").startswith("naive") for j in range(len(self.layers))])
 
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None):
@@ -499,7 +560,11 @@ class GraphEngine:
         # than a session call (measured: SARCOS MLP 3.4 vs 4.3 ms per step)
         base = subgraphs if convs or frozen or any(isinstance(layer, Opaque) for layer in layers) else None
         widest = max(probe[layer.output].nbytes // 2 for layer in layers)
-        return cls(layers, manifest, propagate, memory_mb, base, widest)
+        engine = cls(layers, manifest, propagate, memory_mb, base, widest)
+        engine.kinds = kinds
+        engine.check_stacking(np.random.default_rng(0).standard_normal(
+            [3] + list(manifest["inputs"][0]["shape"][1:])).astype(np.float32))
+        return engine
 
     @staticmethod
     def _layer(node, const, entries, used, kinds):
@@ -681,6 +746,8 @@ class GraphEngine:
         the changed tensor has one consumer, up to and including the next linear layer."""
         while self.propagate and t != self.output and len(self.consumers.get(t, ())) == 1:
             layer = self.consumers[t][0]
+            if isinstance(layer, Opaque):
+                return
             yield layer
             if layer.linear:
                 return
@@ -697,6 +764,8 @@ class GraphEngine:
             changed = {t} | {later.output for later, _ in self.downstream(t)}
             for later, _ in self.downstream(t):
                 names |= {name for name in later.inputs if name not in changed}
+            if self.paths.get(j, "").startswith("stacked"):
+                names |= set(self.suffix(t)[1])
             self._needs[j] = names
         return self._needs[j]
 
@@ -735,10 +804,13 @@ class GraphEngine:
                 continue
             copy, sample = np.nonzero(changed)
             live = {start: part.reshape(r * n, *part.shape[2:]) if changed.all() else part[copy, sample]}
-            for layer, drops in self.downstream(start):
-                live[layer.output] = layer.copies(live, acts, sample, x)
-                for name in drops:
-                    del live[name]
+            if any(isinstance(layer, Opaque) for layer, _ in self.downstream(start)):
+                live[self.output] = self.run_suffix(start, live[start], acts, sample, x)
+            else:
+                for layer, drops in self.downstream(start):
+                    live[layer.output] = layer.copies(live, acts, sample, x)
+                    for name in drops:
+                        del live[name]
             change = per_sample_losses(live[self.output], y[sample], self.kind) - base[sample]
             out[s:s + chunk] = (base.sum() + np.bincount(copy, weights=change, minlength=r)) / n
         return out

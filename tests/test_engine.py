@@ -115,16 +115,45 @@ def test_engine_falls_back_per_tensor_where_an_op_is_not_handled(tmp_path):
                 ["N", 3])
     art = export_onnx(path, tmp_path / "art", "mse", trainable=["*"])
     artifact = load_artifact(art, device="cpu")
-    assert artifact.fast_engine() is not None and "Sigmoid (op Sigmoid)" in artifact.engine_note
+    assert artifact.fast_engine() is not None and "past Sigmoid (op Sigmoid)" in artifact.engine_note
     paths = artifact.tensor_paths()  # only the tensors whose perturbations reach the Sigmoid go naive
-    assert paths == {"w1": "naive: Sigmoid (op Sigmoid)", "b1": "naive: Sigmoid (op Sigmoid)", "w2": "engine",
+    assert paths == {"w1": "stacked: Sigmoid (op Sigmoid)", "b1": "stacked: Sigmoid (op Sigmoid)", "w2": "engine",
                      "b2": "engine"}
     x, y = np.ones((3, 4), np.float32), np.zeros((3, 3), np.float32)
     from edgezo.runtime.optim import CoordinateProbe
     probe = CoordinateProbe(np.array([0, 33, 40, 66, 0, 40]), np.array([1e-2] * 4 + [-1e-2] * 2, np.float32))
     assert np.allclose(artifact.losses(artifact.initial_params(), probe, x, y),
                        load_artifact(art, device="cpu", engine="naive").losses(artifact.initial_params(), probe, x, y))
-    with pytest.raises(EdgezoError, match="--engine batched does not apply"):
-        load_artifact(art, device="cpu", engine="batched").fast_engine()
+    batched = load_artifact(art, device="cpu", engine="batched")  # stacked copies, no delta propagation
+    assert np.allclose(batched.losses(batched.initial_params(), probe, x, y),
+                       artifact.losses(artifact.initial_params(), probe, x, y), rtol=1e-5)
     with pytest.raises(EdgezoError, match="--engine must be one of"):
         load_artifact(art, device="cpu", engine="turbo")
+
+
+def test_ops_without_engine_code_downstream_take_the_stacked_path(tmp_path):
+    """Erf, Sin and Einsum between a trainable layer and the loss: onnxruntime runs that part on the copies
+    stacked on the batch axis (not one call per perturbation), exactly."""
+    from test_onnx_import import init, save
+    from onnx import helper
+    from edgezo.exporters.onnx_import import export_onnx
+    from edgezo.runtime.optim import CoordinateProbe
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Erf", ["h"], ["e"]),
+             helper.make_node("Sin", ["e"], ["s"]), helper.make_node("Einsum", ["s"], ["t"], equation="ij->ij"),
+             helper.make_node("Gemm", ["t", "w2", "b2"], ["out"], transB=1)]
+    path = save(tmp_path, nodes, [init("w1", 8, 4), init("b1", 8), init("w2", 3, 8), init("b2", 3)], ["N", 4],
+                ["N", 3])
+    artifact = load_artifact(export_onnx(path, tmp_path / "art", "mse", trainable=["*"], log=lambda line: None), "cpu")
+    paths = artifact.tensor_paths()
+    assert paths["w1"].startswith("stacked: ") and {"Erf", "Sin", "Einsum"} <= {
+        op.split(" ")[0] for op in paths["w1"][len("stacked: "):].split(", ")}
+    assert paths["w2"] == "engine"
+    x, y = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32), np.zeros((5, 3), np.float32)
+    n = artifact.num_params
+    index = np.arange(n)
+    probe = CoordinateProbe(np.concatenate([index, index]), np.concatenate([np.full(n, 1e-2), np.full(n, -1e-2)])
+                            .astype(np.float32))
+    feed = artifact.feeds(x, y)
+    fast, naive = artifact.losses(artifact.initial_params(), probe, x, y), \
+        artifact.naive_losses(artifact.initial_params(), probe, feed)
+    check_step(fast, naive, 1e-2, n)

@@ -314,11 +314,13 @@ def test_engine_runs_the_frozen_backbone_once_whatever_its_ops(tmp_path):
                                       log=lambda line: None), "cpu")
     paths = whole.tensor_paths()  # per tensor: the head goes through the engine, the convs before it naive
     assert paths["17.weight"] == "engine" and paths["17.bias"] == "engine"
-    assert paths["1.weight"].startswith("naive: Conv (grouped") and "go naive" in whole.engine_note
+    assert paths["1.weight"].startswith("stacked: Conv (grouped")  # BN scale: onnxruntime runs the rest, stacked
+    assert paths["3.weight"].startswith("naive: Conv (grouped")  # the depthwise conv's own weight
+    assert "3.weight" in whole.engine_note and "stacked in onnxruntime" in whole.engine_note
     params = whole.initial_params() + arr(whole.num_params, scale=0.01)
     n = whole.num_params
-    probe = CoordinateProbe(np.array([0, 5, n - 300, n - 1, n - 300, 0]), np.array([0.01, 0.01, 0.01, 0.01, -0.01,
-                                                                                   -0.01], np.float32))
+    probe = CoordinateProbe(np.array([0, 5, 150, 165, n - 300, n - 1, n - 300, 0]),
+                            np.array([0.01] * 6 + [-0.01] * 2, np.float32))
     feed = whole.feeds({"image": x}, {"target": y})
     assert np.allclose(whole.losses(params, probe, feed, feed), whole.naive_losses(params, probe, feed), rtol=1e-5)
 
