@@ -58,19 +58,10 @@ class Artifact:
                 self._no_engine = True
                 return None
             paths = self._engine.tensor_paths()
-            naive = {name: path for name, path in paths.items() if path.startswith("naive")}
+            generic = {name: path for name, path in paths.items() if path.startswith("generic")}
             stacked = {name: path for name, path in paths.items() if path.startswith("stacked")}
-            if naive and self.engine_name == "batched":
-                raise EdgezoError(f"--engine batched does not apply to {len(naive)} trainable tensors of "
-                                  f"{self.file('loss')}: {sorted(set(naive.values()))[0]}")
-            if len(naive) == len(paths):
-                ops = "; ".join(sorted(set(v[len("naive: "):] for v in naive.values())))
-                self._engine, self._no_engine = None, True
-                self.engine_note = (f"fast engine not used: every trainable tensor's perturbations meet {ops}; "
-                                    "evaluating one perturbation per call")
-                return None
-            if naive or stacked:
-                self.engine_note = _paths_note(paths, naive, stacked)
+            if generic or stacked:
+                self.engine_note = _paths_note(paths, generic, stacked)
         return self._engine
 
     def tensor_paths(self):
@@ -194,16 +185,18 @@ class Artifact:
         return np.array([self._run(perturbed(base, probe, p), feed)[0] for p in range(len(probe))])
 
 
-def _paths_note(paths, naive, stacked):
-    """One line: how many trainable tensors take each path, and every op that decided it."""
+def _paths_note(paths, generic, stacked):
+    """One line: how many trainable tensors take each engine path, and every op that decided it."""
     def ops(group, prefix):
         return sorted({op for v in group.values() for op in v[len(prefix):].split(", ")})
-    line = f"engine paths: {len(paths) - len(naive) - len(stacked)} of {len(paths)} trainable tensors by delta propagation"
+    line = (f"engine paths: {len(paths) - len(generic) - len(stacked)} of {len(paths)} trainable tensors by delta "
+            "propagation")
     if stacked:
-        line += f", {len(stacked)} with the rest of the graph stacked in onnxruntime (past {', '.join(ops(stacked, 'stacked: '))})"
-    if naive:
-        names = ", ".join(list(naive)[:4]) + (", ..." if len(naive) > 4 else "")
-        line += f", {len(naive)} naive ({names}: {', '.join(ops(naive, 'naive: '))})"
+        line += f", {len(stacked)} with the rest stacked in onnxruntime (past {', '.join(ops(stacked, 'stacked: '))})"
+    if generic:
+        names = ", ".join(list(generic)[:4]) + (", ..." if len(generic) > 4 else "")
+        line += (f", {len(generic)} one onnxruntime call per perturbation from their op's input ({names}: "
+                 f"{', '.join(ops(generic, 'generic: '))})")
     return line
 
 

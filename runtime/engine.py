@@ -427,24 +427,25 @@ class GraphEngine:
         self._downstream, self._needs = {}, {}
         # per layer that owns trainable tensors: its path ("engine", "stacked: <ops>" where ops without numpy
         # code lie downstream and onnxruntime runs that part on copies stacked on the batch axis, or
-        # "naive: <ops>" where the owner itself has no code or the stacked part mixes samples)
+        # "generic: <ops>" where the owner itself has no kernel or the stacked part mixes samples: onnxruntime
+        # from the owner's input, one call per perturbation, the frozen part not rerun)
         self.paths, self._suffixes = {}, {}
         for j, layer in enumerate(layers):
             if layer.params:
                 blocked = [later for later, _ in self.downstream(layer.output) if isinstance(later, Opaque)]
                 ops = ", ".join(sorted({f"{b.node.op_type} ({b.reason})" for b in blocked}))
                 if isinstance(layer, Opaque):
-                    self.paths[j] = f"naive: {layer.node.op_type} ({layer.reason})"
+                    self.paths[j] = f"generic: {layer.node.op_type} ({layer.reason})"
                 else:
                     self.paths[j] = f"stacked: {ops}" if blocked else "engine"
-        self.engine_layer = np.array([not self.paths.get(j, "").startswith("naive") for j in range(len(layers))])
+        self.engine_layer = np.ones(len(layers), bool)  # every path is the engine's now; kept for covers()
 
     def covers(self, index):
         """Per probe coordinate: whether the engine evaluates it (else its row takes the naive path)."""
         return self.engine_layer[self.owner[index]]
 
     def tensor_paths(self):
-        """{trainable tensor: "engine", "stacked: <ops>" or "naive: <ops>"}."""
+        """{trainable tensor: "engine", "stacked: <ops>" or "generic: <ops>"}."""
         return {entry["name"]: self.paths[j] for j, layer in enumerate(self.layers) for entry in layer.params.values()}
 
     def dense_start(self, t):
@@ -505,8 +506,7 @@ class GraphEngine:
             except Exception:  # onnxruntime refusing the stacked batch (a batch size baked into a shape)
                 ok = False
             if not ok:
-                self.paths[j] = "naive: " + path[len("stacked: "):] + " (mixes samples or fixes the batch size)"
-        self.engine_layer = np.array([not self.paths.get(j, "").startswith("naive") for j in range(len(self.layers))])
+                self.paths[j] = "generic: " + path[len("stacked: "):] + " (mixes samples or fixes the batch size)"
 
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None):
@@ -539,17 +539,23 @@ class GraphEngine:
         probe = subgraphs.run(folded + [node.output[0] for node in nodes], np.zeros(manifest["num_params"], np.float32),
                               np.zeros([2] + list(manifest["inputs"][0]["shape"][1:]), np.float32))
         const.update({n: probe[n] for n in folded})
+        param_deps = {name: {name} for name in entries}  # tensor -> the trainable tensors it is computed from
+        for node in graph.node:
+            deps = set().union(*(param_deps.get(n, ()) for n in node.input))
+            if deps and kinds.get(node.output[0]) == "param":
+                param_deps.update({out: deps for out in node.output})
         used, layers = set(), []
         for node in nodes:  # an op without numpy code becomes Opaque: only the tensors it affects go naive
             try:
                 layer = cls._layer(node, const, entries, used, kinds)
                 if isinstance(layer, Flatten) and probe[layer.output].shape != (2, probe[layer.output][0].size):
                     raise Unsupported(f"{node.op_type} to shape {list(probe[layer.output].shape)} (only [batch, -1])")
-            except Unsupported as e:
-                layer = Opaque(node, {}, {f"t{i}": entries[n] for i, n in enumerate(node.input) if n in entries},
+            except Unsupported as e:  # it takes the generic path: onnxruntime from its input, per perturbation
+                owned = sorted({e for n in node.input for e in param_deps.get(n, ())})
+                layer = Opaque(node, {}, {f"t{i}": entries[name] for i, name in enumerate(owned)},
                                [n for n in node.input if kinds.get(n) == "data"])
                 layer.reason = str(e)
-                used.update(n for n in node.input if n in entries)
+                used.update(owned)
             layers.append(layer)
         if set(entries) - used:
             raise Unsupported(f"trainable tensors outside the graph's data path: {sorted(set(entries) - used)[:3]}")
@@ -674,6 +680,8 @@ class GraphEngine:
 
     def _layer_losses(self, j, x, acts, index, delta, y):
         layer = self.layers[j]
+        if self.paths[j].startswith("generic"):
+            return self._generic_losses(layer, x, acts, index, delta, y)
         result = np.empty(len(index))
         for role, entry in layer.params.items():
             mine = (index >= entry["offset"]) & (index < entry["offset"] + entry["size"])
@@ -686,6 +694,19 @@ class GraphEngine:
                 channels, v = self._channel_param_block(layer, x, acts, role, element, delta[mine])
             result[mine] = self._propagate(layer.output, x, acts, channels, v, y)
         return result
+
+    def _generic_losses(self, layer, x, acts, index, delta, y):
+        """The exact generic path (an op without a perturbed-output kernel, or a suffix that mixes samples): for
+        each coordinate, onnxruntime runs the graph from the layer's input (base activations: the frozen part is
+        not rerun) with that coordinate moved."""
+        start = layer.inputs[0]
+        samples = np.arange(len(acts[start]))
+        out, moved = np.empty(len(index)), x.copy()
+        for r, (i, d) in enumerate(zip(index, delta)):
+            moved[i] = x[i] + d
+            out[r] = per_sample_losses(self.run_suffix(start, acts[start], acts, samples, moved), y, self.kind).mean()
+            moved[i] = x[i]
+        return out
 
     @staticmethod
     def _channel_param_block(layer, x, acts, role, element, delta):
@@ -755,6 +776,9 @@ class GraphEngine:
 
     def needs(self, j):
         """The base activations that perturbing layer j's parameters reads (see _propagate)."""
+        if j not in self._needs and self.paths.get(j, "").startswith("generic"):
+            start = self.layers[j].inputs[0]
+            self._needs[j] = {start} | set(self.suffix(start)[1])
         if j not in self._needs:
             layer = self.layers[j]
             names, t = set(layer.inputs) | {layer.output}, layer.output

@@ -218,6 +218,10 @@ def test_lora_write_back_equals_the_merged_computation(tmp_path):
     _, base = art.outputs(start, img, t)
     plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"img": img})[0]
     assert np.allclose(base, plain, atol=1e-6), "B = 0 at start: the adapters change nothing"
+    assert all(p.startswith("generic: ") for p in art.tensor_paths().values())  # adapters: the generic exact path
+    probe = CoCD(params.copy(), lr=0.1, eps=0.01, budget=m["num_params"]).ask()
+    feed = art.feeds({"img": img}, {"target": t})
+    assert np.allclose(art.losses(params, probe, feed, feed), art.naive_losses(params, probe, feed), rtol=1e-5)
 
 
 @pytest.mark.parametrize("preset", [["--norms"], ["--lora", "2", "--lora-targets", "fc*"], ["--biases"]])
@@ -315,7 +319,7 @@ def test_engine_runs_the_frozen_backbone_once_whatever_its_ops(tmp_path):
     paths = whole.tensor_paths()  # per tensor: the head goes through the engine, the convs before it naive
     assert paths["17.weight"] == "engine" and paths["17.bias"] == "engine"
     assert paths["1.weight"].startswith("stacked: Conv (grouped")  # BN scale: onnxruntime runs the rest, stacked
-    assert paths["3.weight"].startswith("naive: Conv (grouped")  # the depthwise conv's own weight
+    assert paths["3.weight"].startswith("generic: Conv (grouped")  # the depthwise conv's own weight
     assert "3.weight" in whole.engine_note and "stacked in onnxruntime" in whole.engine_note
     params = whole.initial_params() + arr(whole.num_params, scale=0.01)
     n = whole.num_params
