@@ -1,0 +1,116 @@
+"""Reading loss.onnx for the engine: what each tensor depends on, and onnxruntime sessions of cut
+subgraphs (values used inside If/Loop bodies are kept)."""
+import onnx
+
+from .layers import Unsupported, session_options
+
+_ROLES = {"Gemm": ("input", "weight", "bias"), "MatMul": ("input", "weight"), "Conv": ("input", "weight", "bias"),
+          "BatchNormalization": ("input", "scale", "bias", "mean", "var"), "Add": ("input", "bias")}
+_RANK = {"static": 0, "batch": 1, "param": 2, "data": 3}
+
+
+def _attrs(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _kinds(graph, const, params_name, input_name):
+    """The kind of every tensor: 'static' (fixed values), 'batch' (depends on the batch size only),
+    'param' (slices of the flat params), 'data' (depends on the input's values)."""
+    kinds = {name: "static" for name in const}
+    kinds[params_name], kinds[input_name] = "param", "data"
+    for node in graph.node:
+        if node.op_type == "Shape":
+            kind = "batch" if kinds.get(node.input[0]) in ("data", "batch") else "static"
+        elif node.op_type == "CastLike":  # only the second input's dtype is read
+            kind = kinds.get(node.input[0], "data")
+        else:
+            kind = max((kinds.get(n, "data") for n in node.input if n), key=_RANK.get, default="static")
+        for name in node.output:
+            kinds[name] = kind
+    return kinds
+
+
+def _tainted(graph, params_name):
+    """The tensors that depend on the flat params (through node inputs and If/Loop bodies)."""
+    tainted = {params_name}
+    for node in graph.node:
+        if any(name in tainted for name in subgraph_inputs(node)):
+            tainted.update(node.output)
+    return tainted
+
+
+def _ancestors(nodes, kinds, output):
+    """The data nodes the model output depends on, in graph (topological) order."""
+    needed, kept = {output}, []
+    for node in reversed(nodes):
+        if node.output[0] in needed:
+            kept.append(node)
+            needed.update(n for n in node.input if kinds.get(n) == "data")
+    return kept[::-1]
+
+
+def subgraph_inputs(node):
+    """The names a node reads: its inputs plus the outer-scope names its If/Loop/Scan bodies use."""
+    names = [n for n in node.input if n]
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            local = {t.name for t in g.initializer} | {i.name for i in g.input}
+            for inner in g.node:
+                names += [n for n in subgraph_inputs(inner) if n not in local]
+                local.update(inner.output)
+    return names
+
+
+def reachable(graph, outputs, inputs=()):
+    """(the nodes `outputs` need, in graph order; every name they read), stopping at `inputs`."""
+    producer = {o: node for node in graph.node for o in node.output}
+    seen, keep, stack = set(inputs), set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(subgraph_inputs(node))
+    return [n for n in graph.node if id(n) in keep], seen
+
+
+def cut(model, inputs, outputs):
+    """The part of `model` from `inputs` to `outputs` (values used inside If/Loop bodies are kept)."""
+    graph = model.graph
+    nodes, seen = reachable(graph, outputs, inputs)
+    types = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    missing = [n for n in outputs if n not in types]
+    if missing:
+        raise Unsupported(f"cannot cut the graph: no type for {missing[0]!r}")
+    sub = onnx.helper.make_graph(nodes, "cut", [types[n] for n in inputs],
+                                 [types[n] for n in outputs], [t for t in graph.initializer if t.name in seen])
+    return onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+class Subgraphs:
+    """Sessions for parts of loss.onnx from the flat params and the model input to given tensors, made
+    on first use and cached (the few most recent). A session computes only what its outputs need."""
+
+    def __init__(self, model, manifest, threads, keep=8):
+        self.model = onnx.shape_inference.infer_shapes(model)
+        self.inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
+        self.threads, self.keep, self.sessions = threads, keep, {}
+
+    def session(self, names):
+        import onnxruntime as ort
+        key = tuple(names)
+        session = self.sessions.pop(key, None)
+        if session is None:
+            model = cut(self.model, self.inputs, list(names))
+            session = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
+                                           providers=["CPUExecutionProvider"])
+        self.sessions[key] = session
+        if len(self.sessions) > self.keep:
+            del self.sessions[next(iter(self.sessions))]
+        return session
+
+    def run(self, names, params, a0):
+        return dict(zip(names, self.session(names).run(list(names), {self.inputs[0]: params, self.inputs[1]: a0})))
