@@ -337,3 +337,17 @@ def test_export_of_a_torch_model_takes_the_same_selections(tmp_path):
             check=True)
     m = load_artifact(tmp_path / "l", "cpu").manifest
     assert [a["weight"] for a in m["lora"]] == ["8.weight"] and m["num_params"] == 2 * (32 + 7)
+
+
+def test_dynamic_width_is_taken_from_the_data(tmp_path):
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2], keepdims=0),
+             helper.make_node("Gemm", ["m", "w", "b"], ["out"])]
+    w = {"w": arr(4, 2), "b": arr(2)}
+    path = save(tmp_path, nodes, w, [("x", TensorProto.FLOAT, ["N", 4, "W"])], [("out", TensorProto.FLOAT, ["N", 2])],
+                opset=13)
+    art = load_artifact(export_onnx(path, tmp_path / "art", "mse", trainable=["*"], log=lambda line: None), "cpu")
+    assert art.manifest["inputs"][0]["shape"] == ["batch", 4, "W"]
+    for width in (3, 9):  # the smoke test used batch 2, width 8; any width trains
+        x, t = arr(5, 4, width), arr(5, 2)
+        want = x.mean(2) @ w["w"] + w["b"]
+        assert art.loss(art.initial_params(), x, t) == pytest.approx(np.mean((want - t) ** 2), rel=1e-5)
