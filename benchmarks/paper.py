@@ -11,7 +11,7 @@ Tasks:
   mnist-ablations  MNIST CoCD at the paper's ablation defaults (gamma 1.0, eps 1.0, B 256, lr 1e-2), then eps,
              gamma, B and M one at a time (the paper's Fig. 3 on MNIST); use --epochs 20.
   resnet20   ResNet-20 (270k weights) on Fashion-MNIST padded to 3x32x32, CoCD B 2048, for --minutes;
-             checkpointed in runs/paper-resnet20, continued with --resume.
+             checkpointed in benchmarks/results/paper-resnet20, continued with --resume.
   ablations  SARCOS CoCD over eps, gamma, B and M = m/n in {1, 0.5, 0.25}; with --ablate M-lr also M in
              {0.5, 0.25} at lr / M (with m < n a coordinate moves only in M of the steps).
   mnist-gamma  MNIST CoCD at the paper's settings but gamma 0.9 and 0.95 (--gammas; the paper's CNN momentum
@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, ROOT, SHARED, builtin_artifact, write_json
+from common import RESULTS, SHARED, builtin_artifact, write_json
 from edgezo.runtime import checkpoint
 from edgezo.runtime import data as data_mod
 from edgezo.runtime import load_artifact
@@ -238,13 +238,13 @@ def padded_fashion(limit=None):
     return out
 
 
-RESNET_RUN = ROOT / "runs" / "paper-resnet20"
+RESNET_RUN = RESULTS / "paper-resnet20"  # committed, so a fresh clone continues the run
 
 
 def task_resnet20(args):
     """ResNet-20 (Fashion-MNIST padded to 32x32), CoCD B 2048 (lr 1e-2, eps 0.1, gamma 0.99), batch 128, for
-    --minutes of wall time; a checkpoint after every step in runs/paper-resnet20; --resume continues it. Test
-    accuracy on the first 1,000 test images every --eval-every steps."""
+    --minutes of wall time; a checkpoint after every step in benchmarks/results/paper-resnet20; --resume
+    continues it. Test accuracy on the first 1,000 test images every --eval-every steps."""
     train, test = padded_fashion(limit=1000)
     art = cpu_artifact(args, "resnet20")
     params = art.initial_params()
@@ -367,7 +367,8 @@ def main():
                         help="sarcos, mnist, fashion: weight-init and data-order seeds, one run each")
     parser.add_argument("--minutes", type=float, default=120, help="resnet20: wall-clock minutes to train")
     parser.add_argument("--eval-every", type=int, default=10, help="resnet20: test accuracy every N steps")
-    parser.add_argument("--resume", action="store_true", help="resnet20: continue from runs/paper-resnet20")
+    parser.add_argument("--resume", action="store_true",
+                        help="resnet20: continue from benchmarks/results/paper-resnet20/checkpoint.npz")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime and engine threads per run")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results (default "
                         "paper_<task>, plus _paper_steps, _<optimizers>, _gamma<g>, _<ablate>, _std where they are given)")
