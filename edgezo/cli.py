@@ -93,19 +93,8 @@ def cmd_export_onnx(args):
 
 
 def cmd_write_back(args):
-    from .exporters.onnx_graph import write_back
-    from .runtime.manifest import read
-    artifact = Path(args.artifact)
-    manifest = read(artifact / "manifest.json")
-    from .runtime.files import load_params
-    params = load_params(args.params, manifest["num_params"], "PARAMS ")
-    metadata = {}
-    metrics_path = Path(args.params).with_name("metrics.json")
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
-        metadata = {k: metrics[k] for k in ("optimizer", "settings", "steps") if k in metrics}
-    write_back(artifact / manifest["files"]["inference"], manifest["trainable"], params, args.out, metadata,
-               lora=manifest.get("lora", ()))
+    from .runtime.run import write_back_params
+    write_back_params(args.artifact, args.params, args.out, "PARAMS ")
     print(f"wrote {args.out} (the inference model with the trained values)")
 
 

@@ -66,6 +66,12 @@ def _consumers(model):
     return out
 
 
+def _bias_add(node, consumers):
+    """The Add that alone follows a MatMul (its bias), or None."""
+    follow = consumers.get(node.output[0], [])
+    return follow[0] if node.op_type == "MatMul" and len(follow) == 1 and follow[0].op_type == "Add" else None
+
+
 def _weights(node, floats, alias):
     return [alias.get(i, i) for i in node.input if alias.get(i, i) in floats]
 
@@ -86,9 +92,9 @@ def last_layer_tensors(model, k):
     names = []
     for node in found[-k:]:
         names += _weights(node, floats, alias)
-        follow = consumers.get(node.output[0], [])
-        if node.op_type == "MatMul" and len(follow) == 1 and follow[0].op_type == "Add":
-            names += _weights(follow[0], floats, alias)
+        add = _bias_add(node, consumers)
+        if add is not None:
+            names += _weights(add, floats, alias)
     return list(dict.fromkeys(names))
 
 
@@ -107,13 +113,11 @@ def bias_tensors(model):
     floats, alias, consumers = _floats(model), prep.aliases(model), _consumers(model)
     names = []
     for node in model.graph.node:
-        picks = []
+        picks, add = [], _bias_add(node, consumers)
         if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.input) > 2:
             picks = [node.input[2]]
-        elif node.op_type == "MatMul":
-            follow = consumers.get(node.output[0], [])
-            if len(follow) == 1 and follow[0].op_type == "Add":
-                picks = [i for i in follow[0].input if i != node.output[0]]
+        elif add is not None:
+            picks = [i for i in add.input if i != node.output[0]]
         elif node.op_type in NORM_OPS and len(node.input) > 2:
             picks = [node.input[2]]
         names += [alias.get(i, i) for i in picks if alias.get(i, i) in floats]
@@ -195,9 +199,9 @@ def new_head(model, classes, seed=0):
     if node.op_type == "Gemm" and len(node.input) > 2:
         bias = alias.get(node.input[2], node.input[2])
     else:
-        follow = _consumers(model).get(node.output[0], [])
-        if node.op_type == "MatMul" and len(follow) == 1 and follow[0].op_type == "Add":
-            bias = next((alias.get(i, i) for i in follow[0].input if alias.get(i, i) in floats), None)
+        add = _bias_add(node, _consumers(model))
+        if add is not None:
+            bias = next((alias.get(i, i) for i in add.input if alias.get(i, i) in floats), None)
     if bias is not None:
         by_name[bias].CopyFrom(numpy_helper.from_array(rng.uniform(-bound, bound, classes).astype(np.float32), bias))
     old = w.shape[0] if out_first else w.shape[1]

@@ -43,25 +43,23 @@ class Artifact:
         """The graph engine for this loss graph, or None (with engine_note saying why) where it does not apply."""
         if self._engine is not None or self.engine_name == "naive" or self.device != "cpu" or self._no_engine:
             return self._engine
-        if self._engine is None:
-            from .engine import GraphEngine, Unsupported
-            try:
-                self._engine = GraphEngine.build(self.file("loss"), self.manifest,
-                                                 propagate=self.engine_name == "auto",
-                                                 memory_mb=self.engine_memory_mb, threads=self.threads)
-            except Exception as e:  # Unsupported, or onnxruntime refusing a cut: building never ends a run
-                why = str(e) if isinstance(e, Unsupported) else \
-                    f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
-                if self.engine_name == "batched":
-                    raise EdgezoError(f"--engine batched does not apply to {self.file('loss')}: {why}") from None
-                self.engine_note = f"fast engine not used ({why}); evaluating one perturbation per call"
-                self._no_engine = True
-                return None
-            paths = self._engine.tensor_paths()
-            generic = {name: path for name, path in paths.items() if path.startswith("generic")}
-            stacked = {name: path for name, path in paths.items() if path.startswith("stacked")}
-            if generic or stacked:
-                self.engine_note = _paths_note(paths, generic, stacked)
+        from .engine import GraphEngine, Unsupported
+        try:
+            self._engine = GraphEngine.build(self.file("loss"), self.manifest, propagate=self.engine_name == "auto",
+                                             memory_mb=self.engine_memory_mb, threads=self.threads)
+        except Exception as e:  # Unsupported, or onnxruntime refusing a cut: building never ends a run
+            why = str(e) if isinstance(e, Unsupported) else \
+                f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+            if self.engine_name == "batched":
+                raise EdgezoError(f"--engine batched does not apply to {self.file('loss')}: {why}") from None
+            self.engine_note = f"fast engine not used ({why}); evaluating one perturbation per call"
+            self._no_engine = True
+            return None
+        paths = self._engine.tensor_paths()
+        generic = {name: path for name, path in paths.items() if path.startswith("generic")}
+        stacked = {name: path for name, path in paths.items() if path.startswith("stacked")}
+        if generic or stacked:
+            self.engine_note = _paths_note(paths, generic, stacked)
         return self._engine
 
     def tensor_paths(self):
@@ -160,16 +158,9 @@ class Artifact:
         self._check_params(params)
         feed = self.feeds(inputs, targets)
         engine = self.fast_engine() if isinstance(probe, CoordinateProbe) else None
-        if engine is None:
-            return self.naive_losses(params, probe, feed)
-        fast = engine.covers(probe.index) | (probe.delta == 0)
-        if fast.all():
+        if engine is not None:  # every coordinate: by delta propagation, stacked or generic (engine_paths)
             return engine.losses(params, probe, feed, feed)
-        out = np.empty(len(probe))  # rows whose perturbation reaches an op the engine lacks: one call each
-        if fast.any():
-            out[fast] = engine.losses(params, CoordinateProbe(probe.index[fast], probe.delta[fast]), feed, feed)
-        out[~fast] = self.naive_losses(params, CoordinateProbe(probe.index[~fast], probe.delta[~fast]), feed)
-        return out
+        return self.naive_losses(params, probe, feed)
 
     def naive_losses(self, params, probe, feed):
         """One runtime call per probe row: the reference every faster path must match."""

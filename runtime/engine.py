@@ -67,11 +67,6 @@ class GraphEngine:
                     self.paths[j] = f"generic: {layer.node.op_type} ({layer.reason})"
                 else:
                     self.paths[j] = f"stacked: {ops}" if blocked else "engine"
-        self.engine_layer = np.ones(len(layers), bool)  # every path is the engine's now; kept for covers()
-
-    def covers(self, index):
-        """Per probe coordinate: whether the engine evaluates it (else its row takes the naive path)."""
-        return self.engine_layer[self.owner[index]]
 
     def tensor_paths(self):
         """{trainable tensor: "engine", "stacked: <ops>" or "generic: <ops>"}."""
@@ -117,13 +112,13 @@ class GraphEngine:
     def check_stacking(self, a0):
         """Each stacked suffix must treat samples independently: a run on two different stacked copies must
         equal separate runs (training-mode BatchNorm, batch reductions and batch sizes baked into a Reshape
-        fail this). Layers whose suffix fails go naive, and the path says why."""
+        fail this). Layers whose suffix fails take the generic path, and the path says why."""
         x = np.zeros(self.manifest["num_params"], np.float32)
         for j, path in list(self.paths.items()):
             if not path.startswith("stacked"):
                 continue
             start = self.dense_start(self.layers[j].output)
-            session, extra = self.suffix(start)
+            extra = self.suffix(start)[1]
             acts = self.subgraphs.run(sorted({start, self.output} | set(extra)), x, a0)
             n = len(a0)
             other = acts[start] * np.float32(0.5) + np.float32(0.25)

@@ -204,16 +204,24 @@ def resume(run_dir, log=print):
 
 def write_back(run_dir, out, artifact=None):
     """The run's artifact's inference model with the run's trained params.npy, written to `out`."""
-    from .files import load_params
-    from .manifest import read
-    from .writeback import write_back as write
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     check(metrics_path.exists(), f"{run_dir}: no metrics.json (the run has not finished)")
-    metrics = json.loads(metrics_path.read_text())
-    artifact = Path(artifact or metrics["artifact"])
+    artifact = artifact or json.loads(metrics_path.read_text())["artifact"]
+    return write_back_params(artifact, run_dir / "params.npy", out)
+
+
+def write_back_params(artifact, params_path, out, label="params "):
+    """The artifact's inference model with the flat vector in params_path written in, to `out`; the training
+    metadata comes from a metrics.json beside params_path where there is one."""
+    from .files import load_params
+    from .manifest import read
+    from .writeback import write_back as write
+    artifact = Path(artifact)
     manifest = read(artifact / "manifest.json")
-    params = load_params(run_dir / "params.npy", manifest["num_params"], "params ")
+    params = load_params(params_path, manifest["num_params"], label)
+    metrics_path = Path(params_path).with_name("metrics.json")
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     meta = {k: metrics[k] for k in ("optimizer", "settings", "steps") if k in metrics}
     return write(artifact / manifest["files"]["inference"], manifest["trainable"], params, out, meta,
                  lora=manifest.get("lora", ()))
