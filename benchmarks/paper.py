@@ -97,12 +97,21 @@ class Diverged(Exception):
     pass
 
 
-def run(label, artifact, make_optimizer, train, val, batch, epochs, seed=0, watch=False):
+class AtChance(Exception):
+    pass
+
+
+CHANCE = 0.12  # test accuracy at or below this on 10 balanced classes counts as chance
+
+
+def run(label, artifact, make_optimizer, train, val, batch, epochs, seed=0, watch=False, stop_at_chance=0):
     """One optimizer run. With watch (no guard, as in the paper's Fig. 4), a run diverges when a loss turns
-    non-finite or its validation loss exceeds 10x its best: the step is recorded and the run ends there."""
+    non-finite or its validation loss exceeds 10x its best: the step is recorded and the run ends there.
+    With stop_at_chance N, a classifier whose test accuracy stayed at chance for N epochs in a row stops
+    (recorded under "stopped")."""
     params = artifact.initial_params()
     opt = make_optimizer(params)
-    start, history, diverged = time.perf_counter(), [], None
+    start, history, diverged, stopped = time.perf_counter(), [], None, None
 
     def record_epoch(record):  # the run so far goes into the JSON after every epoch
         history.append(record)
@@ -111,6 +120,9 @@ def run(label, artifact, make_optimizer, train, val, batch, epochs, seed=0, watc
                                                                           "running": True}]), quiet=True)
         if watch:
             check_val(record)
+        recent = [h.get("val_accuracy", 1.0) for h in history[-stop_at_chance:]]
+        if stop_at_chance and len(recent) == stop_at_chance and max(recent) <= CHANCE:
+            raise AtChance(f"test accuracy <= {CHANCE:.0%} for {stop_at_chance} epochs in a row")
 
     def check_val(record):
         best = min(h["val_loss"] for h in history)
@@ -124,8 +136,11 @@ def run(label, artifact, make_optimizer, train, val, batch, epochs, seed=0, watc
             raise
         diverged = {"step": opt.steps + (0 if isinstance(err, Diverged) else 1), "reason": str(err)}
         print(f"  {label}: diverged at step {diverged['step']}: {err}", flush=True)
+    except AtChance as err:
+        stopped = {"epoch": len(history), "step": opt.steps, "reason": str(err)}
+        print(f"  {label}: stopped after epoch {len(history)}: {err}", flush=True)
     return finished({"label": label, "history": history, "seconds": time.perf_counter() - start,
-                     "steps": opt.steps, "seed": seed, "diverged": diverged})
+                     "steps": opt.steps, "seed": seed, "diverged": diverged, "stopped": stopped})
 
 
 def run_sgd(label, model, train, val, batch, epochs, lr=1e-2, seed=0):
@@ -146,10 +161,12 @@ def compare(args, model, train, val, batch, epochs, lr, cocd):
     runs = []
     for seed in args.seeds:
         art, tag = cpu_artifact(args, model, seed), "" if args.seeds == [0] else f" seed={seed}"
+        stop = args.stop_at_chance
         rows = {"cocd": lambda: run(label + tag, art, lambda p: CoCD(p, lr=lr, weight_decay=WD, **cocd), train, val,
-                                    batch, epochs, seed),
+                                    batch, epochs, seed, stop_at_chance=stop),
                 "bccd": lambda: run("BCCD" + tag, art, lambda p: BCCD(p, lr=lr, eps=1e-6, budget=budget,
-                                                                      weight_decay=WD), train, val, batch, epochs, seed),
+                                                                      weight_decay=WD), train, val, batch, epochs, seed,
+                                    stop_at_chance=stop),
                 "sgd": lambda: run_sgd("SGD momentum 0.9" + tag, model, train, val, batch, epochs, seed=seed)}
         runs += [rows[name]() for name in args.optimizers]
     return runs
@@ -369,6 +386,9 @@ def main():
     parser.add_argument("--eval-every", type=int, default=10, help="resnet20: test accuracy every N steps")
     parser.add_argument("--resume", action="store_true",
                         help="resnet20: continue from benchmarks/results/paper-resnet20/checkpoint.npz")
+    parser.add_argument("--stop-at-chance", type=int, default=0, metavar="N",
+                        help="mnist, fashion: end a CoCD/BCCD run whose test accuracy stayed at chance (<= 12%%) "
+                        "for N epochs in a row (recorded as stopped; 0: never)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime and engine threads per run")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results (default "
                         "paper_<task>, plus _paper_steps, _<optimizers>, _gamma<g>, _<ablate>, _std where they are given)")
@@ -391,6 +411,7 @@ def main():
             metric = f"acc {100 * last['val_accuracy']:.2f}%" if "val_accuracy" in last else \
                 f"val MSE {last['val_loss']:.4f}"
             note = f", diverged at step {r['diverged']['step']}" if r.get("diverged") else ""
+            note += f", stopped at chance after epoch {r['stopped']['epoch']}" if r.get("stopped") else ""
             final.append(f"  {r['label']:<28} {metric}  ({r['seconds']:.0f} s, {r['steps']} steps{note})")
         print("\n".join(final), flush=True)
         plot(task, runs, RESULTS / f"{name}.png")

@@ -180,8 +180,8 @@ def _paths_note(paths, generic, stacked):
     """One line: how many trainable tensors take each engine path, and every op that decided it."""
     def ops(group, prefix):
         return sorted({op for v in group.values() for op in v[len(prefix):].split(", ")})
-    line = (f"engine paths: {len(paths) - len(generic) - len(stacked)} of {len(paths)} trainable tensors by delta "
-            "propagation")
+    line = (f"engine paths: {len(paths) - len(generic) - len(stacked)} of {len(paths)} trainable tensors all in "
+            "numpy kernels")
     if stacked:
         line += f", {len(stacked)} with the rest stacked in onnxruntime (past {', '.join(ops(stacked, 'stacked: '))})"
     if generic:

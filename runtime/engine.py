@@ -28,10 +28,26 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .direct import Direct, make_direct
 from .graph import _ROLES, Subgraphs, _ancestors, _attrs, _kinds, _tainted, cut, subgraph_inputs
 from .layers import (BatchNorm, Bias, Conv, Flatten, Gemm, MaxPool, Opaque, Relu, SpatialMean, Sum,
                      Unsupported, per_sample_losses, scores_name, session_options)
 from .optim import CoordinateProbe
+
+
+def _first_inputs(ops, graph, kinds):
+    """The activation inputs of `ops` (in graph order) that do not depend on an earlier one of them."""
+    starts, reached = [], set()
+    order = {id(node): k for k, node in enumerate(graph.node)}
+    for op in sorted({id(o): o for o in ops}.values(), key=lambda o: order[id(o)]):
+        for name in op.input:
+            if kinds.get(name) == "data" and name not in reached:
+                starts.append(name)
+                reached.add(name)
+                for node in graph.node:
+                    if any(n in reached for n in subgraph_inputs(node)):
+                        reached.update(node.output)
+    return starts
 
 
 class GraphEngine:
@@ -62,8 +78,8 @@ class GraphEngine:
         for j, layer in enumerate(layers):
             if layer.params:
                 blocked = [later for later, _ in self.downstream(layer.output) if isinstance(later, Opaque)]
-                ops = ", ".join(sorted({f"{b.node.op_type} ({b.reason})" for b in blocked}))
-                if isinstance(layer, Opaque):
+                ops = ", ".join(sorted({b.node.op_type for b in blocked}))
+                if isinstance(layer, Opaque) and not isinstance(layer, Direct):
                     self.paths[j] = f"generic: {layer.node.op_type} ({layer.reason})"
                 else:
                     self.paths[j] = f"stacked: {ops}" if blocked else "engine"
@@ -78,26 +94,43 @@ class GraphEngine:
             t = layer.output
         return t
 
+    def start_of(self, j):
+        """Where the dense part begins for perturbations of layer j's parameters."""
+        layer = self.layers[j]
+        return layer.output if isinstance(layer, Direct) else self.dense_start(layer.output)
+
     def suffix(self, start):
-        """(onnxruntime session from `start` to the loss's scores, names of the other activations it reads)."""
-        if start not in self._suffixes:
+        """(onnxruntime session from `start` (a name, or a tuple of names) to the loss's scores, names of the
+        other activations it reads). Values computed from the batch size (Shape) are recomputed from the
+        activations they read, so that a stacked batch gets its own size."""
+        starts = (start,) if isinstance(start, str) else tuple(start)
+        if starts not in self._suffixes:
             import onnxruntime as ort
             graph = self.subgraphs.model.graph
-            params = self.manifest["params_input"]
-            after = {start}
-            nodes = []
+            after, nodes = set(starts), []
             for node in graph.node:
                 if any(n in after for n in subgraph_inputs(node)):
                     nodes.append(node)
                     after.update(node.output)
             inits = {t.name for t in graph.initializer}
-            extra = sorted({n for node in nodes for n in subgraph_inputs(node)  # params and constants: cut computes
-                            if n not in after and n not in inits and self.kinds.get(n) in ("data", "batch")})
-            model = cut(self.subgraphs.model, [params, start] + extra, [self.output])
+            producer = {o: node for node in graph.node for o in node.output}
+            stack = [n for node in nodes for n in subgraph_inputs(node) if n not in after and n not in inits]
+            extra, seen = set(), set()
+            while stack:  # params and constants: cut computes them
+                name = stack.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                if self.kinds.get(name) == "data":
+                    extra.add(name)
+                elif self.kinds.get(name) == "batch" and name in producer:
+                    stack += [n for n in subgraph_inputs(producer[name]) if n not in inits]
+            extra = sorted(extra)
+            model = cut(self.subgraphs.model, [self.manifest["params_input"], *starts] + extra, [self.output])
             session = ort.InferenceSession(model.SerializeToString(), session_options(self.subgraphs.threads),
                                            providers=["CPUExecutionProvider"])
-            self._suffixes[start] = (session, extra)
-        return self._suffixes[start]
+            self._suffixes[starts] = (session, extra)
+        return self._suffixes[starts]
 
     def run_suffix(self, start, rows, acts, sample, x):
         """Scores of the changed (copy, sample) rows [k, ...] of `start`, stacked on the batch axis; the other
@@ -105,8 +138,7 @@ class GraphEngine:
         session, extra = self.suffix(start)
         feed = {self.manifest["params_input"]: x, start: np.ascontiguousarray(rows)}
         for name in extra:
-            value = acts[name]
-            feed[name] = value[sample] if self.kinds.get(name) == "data" else value
+            feed[name] = acts[name][sample]
         return session.run(None, feed)[0]
 
     def check_stacking(self, a0):
@@ -117,7 +149,7 @@ class GraphEngine:
         for j, path in list(self.paths.items()):
             if not path.startswith("stacked"):
                 continue
-            start = self.dense_start(self.layers[j].output)
+            start = self.start_of(j)
             extra = self.suffix(start)[1]
             acts = self.subgraphs.run(sorted({start, self.output} | set(extra)), x, a0)
             n = len(a0)
@@ -160,7 +192,10 @@ class GraphEngine:
                          if n and kinds.get(n) == "static" and n not in const and n not in entries})
         # one run at a dummy batch of 2 (zeros): the folded tensors' values and every activation's shape
         subgraphs = Subgraphs(model, manifest, threads)
-        probe = subgraphs.run(folded + [node.output[0] for node in nodes], np.zeros(manifest["num_params"], np.float32),
+        outs = [node.output[0] for node in nodes]
+        frozen_in = sorted({n for node in nodes for n in node.input if kinds.get(n) == "data"} - set(outs)
+                           - {manifest["inputs"][0]["name"]})
+        probe = subgraphs.run(folded + outs + frozen_in, np.zeros(manifest["num_params"], np.float32),
                               np.zeros([2] + list(manifest["inputs"][0]["shape"][1:]), np.float32))
         const.update({n: probe[n] for n in folded})
         param_deps = {name: {name} for name in entries}  # tensor -> the trainable tensors it is computed from
@@ -169,17 +204,41 @@ class GraphEngine:
             if deps and kinds.get(node.output[0]) == "param":
                 param_deps.update({out: deps for out in node.output})
         used, layers = set(), []
+        shapes = {name: value.shape for name, value in probe.items()}
+        shapes[manifest["inputs"][0]["name"]] = (2, *manifest["inputs"][0]["shape"][1:])
+        producer = {o: node for node in graph.node for o in node.output}
+        readers = {}  # trainable tensor -> the ops that read it (directly or through Identity, Transpose, ...)
+        for node in nodes:
+            for name in {t for n in node.input for t in param_deps.get(n, ())}:
+                readers.setdefault(name, []).append(node)
         for node in nodes:  # an op without numpy code becomes Opaque: only the tensors it affects go naive
+            data = [n for n in node.input if kinds.get(n) == "data"]
+            reads = sorted({t for n in node.input for t in param_deps.get(n, ())})
+            shared = [t for t in reads if len(readers[t]) > 1]
+            if shared:  # the generic path from the inputs of every op that reads them
+                owned = [t for t in reads if t not in used]
+                layer = Opaque(node, {}, {f"t{i}": entries[name] for i, name in enumerate(owned)}, data)
+                layer.starts = _first_inputs([r for t in owned for r in readers[t]], graph, kinds)
+                layer.reason = f"{shared[0]!r} is read by {len(readers[shared[0]])} ops"
+                used.update(owned)
+                layers.append(layer)
+                continue
+            before = set(used)
             try:
                 layer = cls._layer(node, const, entries, used, kinds)
                 if isinstance(layer, Flatten) and probe[layer.output].shape != (2, probe[layer.output][0].size):
                     raise Unsupported(f"{node.op_type} to shape {list(probe[layer.output].shape)} (only [batch, -1])")
-            except Unsupported as e:  # it takes the generic path: onnxruntime from its input, per perturbation
-                owned = sorted({e for n in node.input for e in param_deps.get(n, ())})
-                layer = Opaque(node, {}, {f"t{i}": entries[name] for i, name in enumerate(owned)},
-                               [n for n in node.input if kinds.get(n) == "data"])
+                if isinstance(layer, (Gemm, Bias)) and probe[layer.output].ndim != 2:
+                    raise Unsupported(f"{node.op_type} on activations of rank {probe[layer.output].ndim}")
+            except Unsupported as e:
+                used.intersection_update(before)
+                try:  # its perturbed output computed directly, then the rest of the graph on the copies
+                    layer = make_direct(node, entries, used, kinds, shapes, producer)
+                except Unsupported:  # the generic path: onnxruntime from its inputs, per perturbation
+                    layer = Opaque(node, {}, {f"t{i}": entries[name] for i, name in enumerate(reads)}, data)
+                    layer.starts = data
+                    used.update(reads)
                 layer.reason = str(e)
-                used.update(owned)
             layers.append(layer)
         if set(entries) - used:
             raise Unsupported(f"trainable tensors outside the graph's data path: {sorted(set(entries) - used)[:3]}")
@@ -312,6 +371,11 @@ class GraphEngine:
             if not mine.any():
                 continue
             element = index[mine] - entry["offset"]
+            if isinstance(layer, Direct):
+                d = delta[mine]
+                result[mine] = self._dense_losses(layer.output, x, acts, lambda rows: layer.perturbed(
+                    acts, x, role, element[rows], d[rows]), len(element), y)
+                continue
             if isinstance(layer, (Gemm, Conv, Bias)):
                 channels, v = layer.block(acts[layer.inputs[0]], acts[layer.output], x, role, element, delta[mine])
             else:
@@ -323,14 +387,21 @@ class GraphEngine:
         """The exact generic path (an op without a perturbed-output kernel, or a suffix that mixes samples): for
         each coordinate, onnxruntime runs the graph from the layer's input (base activations: the frozen part is
         not rerun) with that coordinate moved."""
-        start = layer.inputs[0]
-        samples = np.arange(len(acts[start]))
+        starts = self.generic_starts(layer)
+        session, extra = self.suffix(starts)
+        feed = {name: acts[name] for name in list(starts) + extra}
         out, moved = np.empty(len(index)), x.copy()
         for r, (i, d) in enumerate(zip(index, delta)):
             moved[i] = x[i] + d
-            out[r] = per_sample_losses(self.run_suffix(start, acts[start], acts, samples, moved), y, self.kind).mean()
+            feed[self.manifest["params_input"]] = moved
+            out[r] = per_sample_losses(session.run(None, feed)[0], y, self.kind).mean()
             moved[i] = x[i]
         return out
+
+    @staticmethod
+    def generic_starts(layer):
+        """Where the generic path starts: the activation inputs of every op that reads the layer's tensors."""
+        return tuple(getattr(layer, "starts", None) or layer.inputs[:1])
 
     @staticmethod
     def _channel_param_block(layer, x, acts, role, element, delta):
@@ -401,12 +472,12 @@ class GraphEngine:
     def needs(self, j):
         """The base activations that perturbing layer j's parameters reads (see _propagate)."""
         if j not in self._needs and self.paths.get(j, "").startswith("generic"):
-            start = self.layers[j].inputs[0]
-            self._needs[j] = {start} | set(self.suffix(start)[1])
+            starts = self.generic_starts(self.layers[j])
+            self._needs[j] = set(starts) | set(self.suffix(starts)[1])
         if j not in self._needs:
             layer = self.layers[j]
             names, t = set(layer.inputs) | {layer.output}, layer.output
-            for layer in self._sparse_path(t):
+            for layer in ([] if isinstance(layer, Direct) else self._sparse_path(t)):
                 names |= set(layer.inputs) | {layer.output}
                 t = layer.output
             changed = {t} | {later.output for later, _ in self.downstream(t)}

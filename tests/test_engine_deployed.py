@@ -1,0 +1,44 @@
+"""The engine on architectures people deploy (exporters/deployed.py, exported by torch's TorchScript exporter):
+losses within 1e-5 of the naive path's and difference quotients within 1e-3, on steps sampled across the
+coordinate cycle, for the head, the last block with the head, and all weights."""
+import numpy as np
+import pytest
+
+from edgezo.exporters import deployed
+from edgezo.exporters.onnx_import import export_onnx
+from edgezo.runtime import load_artifact
+from test_engine import check_step, probes
+
+SMALL = {"mobilenetv3_small": dict(width=0.25, side=32, hidden=64),
+         "resnet18": dict(width=8, side=32),
+         "transformer": dict(d=32, ff=64, seq=8, features=8)}
+STEPS = {"head": 1, "block": 4, "all": 6}  # steps sampled per cycle
+
+
+@pytest.fixture(scope="module")
+def deployed_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deployed")
+    return {name: (folder / f"{name}.onnx", deployed.export(name, folder / f"{name}.onnx", **kw))
+            for name, kw in SMALL.items()}
+
+
+@pytest.mark.parametrize("selection", ["head", "block", "all"])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_engine_matches_naive(deployed_file, tmp_path, name, selection):
+    path, shape = deployed_file[name]
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=deployed.SELECTIONS[name][selection],
+                      log=lambda line: None)
+    fast, naive = load_artifact(art, device="cpu", threads=1), load_artifact(art, device="cpu", engine="naive")
+    assert fast.fast_engine() is not None, fast.engine_note
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, *shape)).astype(np.float32), np.array([1, 4, 7])
+    params = fast.initial_params()
+    budget = 16
+    cycle = -(-fast.num_params // budget)
+    every = max(1, cycle // STEPS[selection])
+    for probe in probes(fast, budget, 1e-2, every=every):
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, budget)
+    paths = fast.tensor_paths()
+    assert set(paths) == {e["name"] for e in fast.manifest["trainable"]}
+    if selection == "head":
+        assert set(paths.values()) == {"engine"}, paths
