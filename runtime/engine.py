@@ -212,7 +212,7 @@ class GraphEngine:
             for name in {t for n in node.input for t in param_deps.get(n, ())}:
                 readers.setdefault(name, []).append(node)
         for node in nodes:  # an op without numpy code becomes Opaque: only the tensors it affects go naive
-            data = [n for n in node.input if kinds.get(n) == "data"]
+            data = list(dict.fromkeys(n for n in subgraph_inputs(node) if kinds.get(n) == "data"))
             reads = sorted({t for n in node.input for t in param_deps.get(n, ())})
             shared = [t for t in reads if len(readers[t]) > 1]
             if shared:  # the generic path from the inputs of every op that reads them

@@ -24,7 +24,7 @@ def _kinds(graph, const, params_name, input_name):
         elif node.op_type == "CastLike":  # only the second input's dtype is read
             kind = kinds.get(node.input[0], "data")
         else:
-            kind = max((kinds.get(n, "data") for n in node.input if n), key=_RANK.get, default="static")
+            kind = max((kinds.get(n, "data") for n in subgraph_inputs(node)), key=_RANK.get, default="static")
         for name in node.output:
             kinds[name] = kind
     return kinds
@@ -45,7 +45,7 @@ def _ancestors(nodes, kinds, output):
     for node in reversed(nodes):
         if node.output[0] in needed:
             kept.append(node)
-            needed.update(n for n in node.input if kinds.get(n) == "data")
+            needed.update(n for n in subgraph_inputs(node) if kinds.get(n) == "data")
     return kept[::-1]
 
 

@@ -42,3 +42,30 @@ def test_engine_matches_naive(deployed_file, tmp_path, name, selection):
     assert set(paths) == {e["name"] for e in fast.manifest["trainable"]}
     if selection == "head":
         assert set(paths.values()) == {"engine"}, paths
+
+
+def test_constant_node_weights_and_an_if_between_trainable_layers(tmp_path):
+    """A Paddle-style file: Gemm weights as Constant nodes, an If (picked by a fixed flag input) whose
+    branches read the first layer's output from the outer scope: every path matches naive."""
+    from onnx import TensorProto, helper
+    from test_wild_onnx import arr, const, save
+    then = helper.make_graph([helper.make_node("Tanh", ["h"], ["y1"])], "then", [],
+                             [helper.make_tensor_value_info("y1", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Relu", ["h"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)])
+    nodes = [const("w1", arr(4, 6)), const("b1", arr(6)), const("w2", arr(6, 3)), const("b2", arr(3)),
+             helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["h"]),
+             helper.make_node("Cast", ["flag"], ["cond"], to=TensorProto.BOOL),
+             helper.make_node("If", ["cond"], ["feat"], then_branch=then, else_branch=other),
+             helper.make_node("MatMul", ["feat", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["out"])]
+    path = save(tmp_path, nodes, {}, [("x", TensorProto.FLOAT, ["N", 4]), ("flag", TensorProto.INT64, [])],
+                [("out", TensorProto.FLOAT, ["N", 3])], opset=11)
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=["*"], fix_input=["flag=1"],
+                      log=lambda line: None)
+    fast, naive = load_artifact(art, device="cpu"), load_artifact(art, device="cpu", engine="naive")
+    paths = fast.tensor_paths()
+    assert paths["w1"] == paths["b1"] == "stacked: If" and paths["w2"] == paths["b2"] == "engine", paths
+    x, y = np.random.default_rng(5).standard_normal((6, 4)).astype(np.float32), np.array([0, 1, 2, 2, 1, 0])
+    params = fast.initial_params()
+    for probe in probes(fast, 5, 1e-2):
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 5)
