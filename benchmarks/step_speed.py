@@ -1,18 +1,28 @@
 """ms per CoCD step: edgezo's engine (auto, batched) vs the naive path vs an eager torch loop as the
 authors' reference does it (in place +eps, -2eps, +eps; one forward each), measured side by side.
 
+Deployed architectures (exporters/deployed.py, imported with export-onnx; CoCD B = 16): MobileNetV3-small-like
+at 96 px batch 32 and 224 px batch 16, ResNet-18-like at 64 px batch 32, a 2-block transformer encoder at batch
+32, each with the head (the last Linear) or the last block and head trainable: auto, batched, naive and one
+plain forward of the deployed model (onnxruntime), on steps spread across the cycle (naive on a row sample).
+Targets: head steps >= 10x faster than naive and <= 3 forwards; last-block steps >= 3x faster than naive.
+--baseline COMMIT also times the paper's MLP and CNN engine (auto, full cycle) with that commit's code in a
+subprocess of the same run (its own artifacts), beside this tree's.
+
 The engine paths are timed on every step of one full coordinate cycle (each layer counts by its
 share of the coordinates); the naive path and the torch reference, whose cost does not depend on
 the step, on steps spread across the cycle and a sample of probe rows, scaled to 2B rows (said so in
 the output). ResNet-20's engine paths (a cycle is 133 steps of 4,096 rows) are timed like the naive
 path, on the spread steps and a row sample. Writes benchmarks/results/step_speed.json.
 
-Usage: python benchmarks/step_speed.py [--models mlp cnn resnet20] [--steps 12]
+Usage: python benchmarks/step_speed.py [--models mlp cnn resnet20 mnv3-96-head ...] [--steps 12]
+       python benchmarks/step_speed.py --models mlp cnn --baseline 0f27723
 Run it alone: other work on a 2-core machine distorts timings.
 """
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +35,16 @@ CASES = {  # name: (built-in model, budget B, batch, input shape, classes or Non
     "resnet20": ("resnet20", 2048, 128, (3, 32, 32), 10, 64),
 }
 TARGET_MS = {"mlp": 1.0, "cnn": 60.0}
+DEPLOYED = {  # name: (model, its size settings, selection, batch)
+    "mnv3-96-head": ("mobilenetv3_small", dict(side=96), "head", 32),
+    "mnv3-96-block": ("mobilenetv3_small", dict(side=96), "block", 32),
+    "mnv3-224-head": ("mobilenetv3_small", dict(side=224), "head", 16),
+    "mnv3-224-block": ("mobilenetv3_small", dict(side=224), "block", 16),
+    "resnet18-64-head": ("resnet18", dict(side=64), "head", 32),
+    "resnet18-64-block": ("resnet18", dict(side=64), "block", 32),
+    "transformer-head": ("transformer", {}, "head", 32),
+    "transformer-block": ("transformer", {}, "block", 32),
+}
 
 
 def timed(fn, repeat=1):
@@ -104,7 +124,8 @@ def bench(name, steps, sample):
             print(f"  {name} {engine:8s} not applicable: {note}", flush=True)
             continue
         rows = sample if engine == "naive" else engine_rows
-        art.losses(params, sample_rows(probes[0], 8), x, y)  # warm up
+        for probe in probes:  # warm up: each step's sessions are made on first use, then reused every cycle
+            art.losses(params, sample_rows(probe, 2), x, y)
         timed_probes = probes if rows else full_cycle
         total = 0.0
         for probe in timed_probes:
@@ -126,6 +147,118 @@ def bench(name, steps, sample):
     return result
 
 
+def forward_ms(path, x, repeat=10):
+    """One plain forward of the deployed model (inference.onnx) at the batch, onnxruntime, 2 threads."""
+    import onnxruntime as ort
+    from edgezo.runtime.layers import session_options
+    session = ort.InferenceSession(str(path / "inference.onnx"), session_options(2), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    session.run(None, feed)
+    return 1000 * timed(lambda: session.run(None, feed), repeat)
+
+
+def bench_deployed(name, steps, sample):
+    from common import deployed_artifact
+    from edgezo.runtime import load_artifact
+    from edgezo.runtime.optim import CoCD
+    model, size, selection, batch = DEPLOYED[name]
+    path = deployed_artifact(model, selection, **size)
+    arts = {e: load_artifact(path, device="cpu", threads=2, engine=e) for e in ("auto", "batched", "naive")}
+    shape = arts["naive"].manifest["inputs"][0]["shape"][1:]
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((batch, *shape)).astype(np.float32), rng.integers(0, 10, batch)
+    params = arts["naive"].initial_params()
+    budget = 16
+    opt = CoCD(params, lr=0.0, eps=1e-2, budget=budget)
+    cycle = -(-params.size // budget)
+    probes = []
+    for step in np.linspace(0, cycle - 1, min(steps, cycle)).astype(int):
+        opt.refreshed = int(step) * budget
+        probes.append(opt.ask())
+        opt.discard()
+    result = {"model": model, "size": size, "selection": selection, "num_params": int(params.size), "budget": budget,
+              "batch": batch, "steps_timed": len(probes), "cycle_steps": cycle}
+    for engine, art in arts.items():
+        if engine != "naive" and art.fast_engine() is None:
+            result[f"{engine}_ms"], result[f"{engine}_note"] = None, art.engine_note
+            print(f"  {name} {engine:8s} not applicable: {art.engine_note}", flush=True)
+            continue
+        if engine == "auto":
+            result["engine_paths"] = sorted(set(art.tensor_paths().values()))
+            result["engine_note"] = art.engine_note
+        rows = sample if engine == "naive" else None
+        for probe in probes:  # warm up: each step's sessions are made on first use, then reused every cycle
+            art.losses(params, sample_rows(probe, 2), x, y)
+        total = 0.0
+        for probe in probes:
+            p = sample_rows(probe, rows) if rows and rows < len(probe) else probe
+            total += timed(lambda: art.losses(params, p, x, y)) * len(probe) / len(p)
+        result[f"{engine}_ms"] = 1000 * total / len(probes)
+        print(f"  {name} {engine:8s} {result[f'{engine}_ms']:10.2f} ms/step"
+              + (f" (from {rows} of {len(probes[0])} rows per step)" if rows and rows < len(probes[0]) else ""),
+              flush=True)
+    result["forward_ms"] = forward_ms(path, x)
+    print(f"  {name} forward  {result['forward_ms']:10.2f} ms (one plain forward at batch {batch})", flush=True)
+    best = min(v for k, v in result.items() if k in ("auto_ms", "batched_ms") and v is not None)
+    result["speedup_vs_naive"] = result["naive_ms"] / result["auto_ms"]
+    result["auto_in_forwards"] = result["auto_ms"] / result["forward_ms"]
+    result["best_ms"] = best
+    result["target"] = ">= 10x naive, <= 3 forwards" if selection == "head" else ">= 3x naive"
+    result["target_met"] = bool(result["speedup_vs_naive"] >= 10 and result["auto_in_forwards"] <= 3) \
+        if selection == "head" else bool(result["speedup_vs_naive"] >= 3)
+    return result
+
+
+def baseline_engine_ms(commit, models):
+    """The paper models' engine (auto, full cycle) with `commit`'s code, in a subprocess (its own artifacts)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from common import ROOT
+    tree = Path(tempfile.mkdtemp(prefix=f"edgezo-{commit}-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    package = tree / "pkg" / "edgezo"  # the package layout pyproject's package-dir maps
+    shutil.copytree(tree / "edgezo", package)
+    for sub in ("runtime", "exporters", "devices"):
+        shutil.copytree(tree / sub, package / sub)
+    env = dict(os.environ, PYTHONPATH=str(tree / "pkg"), EDGEZO_BENCH_ARTIFACTS=str(tree / "artifacts"))
+    out = subprocess.run([sys.executable, __file__, "--engine-only", "--models", *models], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def engine_only(models):
+    """auto ms per step over a full cycle for each paper model (for --baseline): one JSON line."""
+    import json
+    from edgezo.runtime import load_artifact
+    out = {}
+    for name in models:
+        model, budget, batch, shape, classes, _ = CASES[name]
+        path = builtin_artifact(model)
+        rng = np.random.default_rng(0)
+        x = rng.random((batch, *shape), dtype=np.float32)
+        y = rng.integers(0, classes, batch) if classes else rng.standard_normal((batch, 7)).astype(np.float32)
+        out[name] = cycle_ms(load_artifact(path, device="cpu", threads=2, engine="auto"), x, y, budget)
+    print(json.dumps(out))
+
+
+def cycle_ms(art, x, y, budget):
+    from edgezo.runtime.optim import CoCD
+    params = art.initial_params()
+    opt = CoCD(params, lr=0.0, eps=1e-2, budget=budget)
+    cycle = -(-params.size // budget)
+    probes = []
+    for step in range(cycle):
+        opt.refreshed = step * budget
+        probes.append(opt.ask())
+        opt.discard()
+    art.losses(params, sample_rows(probes[0], 8), x, y)
+    return 1000 * timed(lambda: [art.losses(params, p, x, y) for p in probes]) / len(probes)
+
+
 def previous_results():
     import json
     path = RESULTS / "step_speed.json"
@@ -134,16 +267,47 @@ def previous_results():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--models", nargs="+", choices=list(CASES) + list(DEPLOYED), default=list(CASES))
     parser.add_argument("--steps", type=int, default=12, help="steps spread across the coordinate cycle")
     parser.add_argument("--sample", type=int, default=128, help="probe rows timed per step on the slow paths")
+    parser.add_argument("--baseline", metavar="COMMIT", help="also time mlp/cnn's engine with COMMIT's code")
+    parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.engine_only:
+        return engine_only(args.models)
     results = {}
     for name in args.models:
         print(f"{name}:", flush=True)
-        results[name] = bench(name, args.steps, args.sample)
-    print(f"\n{'model':<9} {'auto ms':>9} {'batched':>9} {'naive':>9} {'torch ref':>10} {'vs ref':>8} {'vs naive':>9}")
-    for name, r in results.items():
+        results[name] = bench_deployed(name, args.steps, min(args.sample, 8)) if name in DEPLOYED else \
+            bench(name, args.steps, args.sample)
+    paper = [m for m in args.models if m in ("mlp", "cnn")]
+    if args.baseline and paper:
+        print(f"baseline: the engine of {args.baseline}, full cycle ...", flush=True)
+        old = baseline_engine_ms(args.baseline, paper)
+        from edgezo.runtime import load_artifact
+        for name in paper:
+            model, budget, batch, shape, classes, _ = CASES[name]
+            rng = np.random.default_rng(0)
+            x = rng.random((batch, *shape), dtype=np.float32)
+            y = rng.integers(0, classes, batch) if classes else rng.standard_normal((batch, 7)).astype(np.float32)
+            new = cycle_ms(load_artifact(builtin_artifact(model), device="cpu", threads=2, engine="auto"), x, y, budget)
+            results[name].update(baseline_commit=args.baseline, baseline_auto_ms=old[name], cycle_auto_ms=new,
+                                 vs_baseline=new / old[name])
+            print(f"  {name}: {args.baseline} {old[name]:.2f} ms/step, this tree {new:.2f} ms/step "
+                  f"({new / old[name]:.2f}x the baseline's time)", flush=True)
+    deployed = {k: v for k, v in results.items() if k in DEPLOYED}
+    if deployed:
+        print(f"\n{'model':<18} {'auto ms':>9} {'batched':>9} {'naive':>9} {'forward':>8} {'vs naive':>9} "
+              f"{'forwards':>9}  target")
+        for name, r in deployed.items():
+            fmt = lambda v: f"{v:9.2f}" if v is not None else f"{'n/a':>9}"
+            print(f"{name:<18} {fmt(r['auto_ms'])} {fmt(r['batched_ms'])} {fmt(r['naive_ms'])} {r['forward_ms']:8.2f} "
+                  f"{r['speedup_vs_naive']:8.1f}x {r['auto_in_forwards']:9.2f}  {r['target']}: "
+                  f"{'met' if r['target_met'] else 'MISSED'}")
+    paper = {k: v for k, v in results.items() if k not in DEPLOYED}
+    if paper:
+        print(f"\n{'model':<9} {'auto ms':>9} {'batched':>9} {'naive':>9} {'torch ref':>10} {'vs ref':>8} {'vs naive':>9}")
+    for name, r in paper.items():
         fmt = lambda v: f"{v:9.2f}" if v is not None else f"{'n/a':>9}"
         print(f"{name:<9} {fmt(r['auto_ms'])} {fmt(r['batched_ms'])} {fmt(r['naive_ms'])} "
               f"{r['torch_reference_ms']:10.2f} {r['speedup_vs_torch_reference']:7.1f}x {r['speedup_vs_naive']:8.1f}x")
