@@ -149,9 +149,8 @@ def bench(name, steps, sample):
 
 def forward_ms(path, x, repeat=10):
     """One plain forward of the deployed model (inference.onnx) at the batch, onnxruntime, 2 threads."""
-    import onnxruntime as ort
-    from edgezo.runtime.layers import session_options
-    session = ort.InferenceSession(str(path / "inference.onnx"), session_options(2), providers=["CPUExecutionProvider"])
+    from edgezo.runtime.sessions import make_session
+    session = make_session(path / "inference.onnx", "cpu", 2)
     feed = {session.get_inputs()[0].name: x}
     session.run(None, feed)
     return 1000 * timed(lambda: session.run(None, feed), repeat)

@@ -213,21 +213,30 @@ def new_head(model, classes, seed=0):
     return model
 
 
-def _loss_nodes(loss, scores):
-    """Nodes computing the scalar 'loss' from `scores` (output or logits) and the target."""
+def _loss_nodes(loss, scores, rank, opset):
+    """Nodes computing the per-sample 'losses' [batch] from `scores` (output or logits, of rank `rank`) and the
+    target, and the scalar 'loss', their mean."""
+    def row_mean(each):  # mean over every axis but the batch
+        if rank == 1:
+            return [helper.make_node("Identity", [each], ["losses"])]
+        axes = list(range(1, rank))
+        if opset >= 18:
+            return [helper.make_node("Constant", [], ["loss__axes"], value=numpy_helper.from_array(
+                        np.array(axes, np.int64), "loss__axes")),
+                    helper.make_node("ReduceMean", [each, "loss__axes"], ["losses"], keepdims=0)]
+        return [helper.make_node("ReduceMean", [each], ["losses"], axes=axes, keepdims=0)]
+    mean = [helper.make_node("ReduceMean", ["losses"], ["loss"], keepdims=0)]
     if loss == "mse":
         return [helper.make_node("Sub", [scores, TARGET], ["loss__diff"]),
-                helper.make_node("Mul", ["loss__diff", "loss__diff"], ["loss__sq"]),
-                helper.make_node("ReduceMean", ["loss__sq"], ["loss"], keepdims=0)]
+                helper.make_node("Mul", ["loss__diff", "loss__diff"], ["loss__sq"])] + row_mean("loss__sq") + mean
     if loss == "cross_entropy":
-        return [helper.make_node("SoftmaxCrossEntropyLoss", [scores, TARGET], ["loss"], reduction="mean")]
+        return [helper.make_node("SoftmaxCrossEntropyLoss", [scores, TARGET], ["losses"], reduction="none")] + mean
     # binary cross-entropy on logits z: max(z, 0) - z y + log(1 + exp(-|z|))
     return [helper.make_node("Relu", [scores], ["loss__pos"]), helper.make_node("Mul", [scores, TARGET], ["loss__zy"]),
             helper.make_node("Abs", [scores], ["loss__abs"]), helper.make_node("Neg", ["loss__abs"], ["loss__neg"]),
             helper.make_node("Softplus", ["loss__neg"], ["loss__sp"]),
             helper.make_node("Sub", ["loss__pos", "loss__zy"], ["loss__a"]),
-            helper.make_node("Add", ["loss__a", "loss__sp"], ["loss__each"]),
-            helper.make_node("ReduceMean", ["loss__each"], ["loss"], keepdims=0)]
+            helper.make_node("Add", ["loss__a", "loss__sp"], ["loss__each"])] + row_mean("loss__each") + mean
 
 
 def append_loss(model, loss, output, head):
@@ -246,10 +255,12 @@ def append_loss(model, loss, output, head):
         target = helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["batch"])
     else:
         target = helper.make_tensor_value_info(TARGET, TensorProto.FLOAT, out_shape)
-    graph.node.extend(_loss_nodes(loss, scores))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    graph.node.extend(_loss_nodes(loss, scores, len(out_shape), opset))
     graph.input.append(target)
     del graph.output[:]
-    graph.output.extend([helper.make_tensor_value_info("loss", TensorProto.FLOAT, []), out])
+    graph.output.extend([helper.make_tensor_value_info("loss", TensorProto.FLOAT, []), out,
+                         helper.make_tensor_value_info("losses", TensorProto.FLOAT, [out_shape[0]])])
     return model, classes
 
 
@@ -309,10 +320,10 @@ def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None
     loss_model, entries, frozen, flat = flatten_trainable(with_loss, names)
     check_model(loss_model, "the loss graph built from the model")
     inputs = [i for i in loss_model.graph.input if i.name in {d.name for d in data_inputs}]
-    out = next(o for o in loss_model.graph.output if o.name != "loss")
+    out = next(o for o in loss_model.graph.output if o.name not in ("loss", "losses"))
     _smoke_test(loss_model, model_path)
     target_shape = ["batch"] + ([] if loss == "cross_entropy" else value_info(out)["shape"][1:])
-    loss_info = {"kind": loss, "output": "loss", "num_classes": classes}
+    loss_info = {"kind": loss, "output": "loss", "per_sample": "losses", "num_classes": classes}
     if head:
         loss_info.update(logits=head[1], head=head[2])
     manifest = build_manifest(

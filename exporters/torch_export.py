@@ -16,14 +16,28 @@ LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy,
 PREFIX = "model."
 
 
+def per_sample(kind):
+    """The built-in loss `kind` per sample ([batch]; over the other axes its mean): the batch loss is the mean."""
+    fn = LOSSES[kind]
+    if kind == "cross_entropy":
+        return lambda out, y: fn(out, y, reduction="none")
+    def each(out, y):
+        losses = fn(out, y, reduction="none")
+        return losses if losses.dim() == 1 else losses.flatten(1).mean(dim=1)
+    return each
+
+
 class _WithLoss(torch.nn.Module):
-    def __init__(self, model, loss_fn, n_inputs):
+    """(loss, output) or, with a per-sample loss function, (loss = mean of the losses, output, losses)."""
+
+    def __init__(self, model, loss_fn, n_inputs, each=False):
         super().__init__()
-        self.model, self.loss_fn, self.n_inputs = model, loss_fn, n_inputs
+        self.model, self.loss_fn, self.n_inputs, self.each = model, loss_fn, n_inputs, each
 
     def forward(self, *args):
         out = self.model(*args[:self.n_inputs])
-        return self.loss_fn(out, *args[self.n_inputs:]), out
+        losses = self.loss_fn(out, *args[self.n_inputs:])
+        return (losses.mean(), out, losses) if self.each else (losses, out)
 
 
 def _as_tuple(x):
@@ -39,14 +53,14 @@ def _strip_prefix(model):
         node.input[:] = [rename.get(i, i) for i in node.input]
 
 
-def _export_onnx(wrapper, args, names):
+def _export_onnx(wrapper, args, names, outputs=("loss", "output")):
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic = tuple({0: batch} for _ in args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=18, optimize=False,
-                                    dynamic_shapes=(dynamic,), input_names=names, output_names=["loss", "output"],
+                                    dynamic_shapes=(dynamic,), input_names=names, output_names=list(outputs),
                                     verbose=False)
     model = program.model_proto
     _strip_prefix(model)
@@ -82,7 +96,14 @@ def export_module(model, example_inputs, example_targets, loss, out_dir, trainab
     if missing:
         raise EdgezoError(f"trainable names {missing} are not parameters of the model")
 
-    full = _export_onnx(_WithLoss(model, loss_fn, len(inputs)), inputs + targets, in_names + tg_names)
+    # one loss definition: the graph's per-sample losses (reduction "none"), whose mean is the loss; a custom
+    # loss is per sample when it returns one value per sample, else the engine does not apply (naive path)
+    each_fn = per_sample(loss) if isinstance(loss, str) else loss_fn
+    with torch.no_grad():
+        sample = each_fn(model(*inputs), *targets)
+    each = sample.dim() == 1 and sample.shape[0] == inputs[0].shape[0]
+    full = _export_onnx(_WithLoss(model, each_fn if each else loss_fn, len(inputs), each), inputs + targets,
+                        in_names + tg_names, ("loss", "output", "losses") if each else ("loss", "output"))
     check_model(full, "the exported loss graph")
     inference = Extractor(full).extract_model(in_names, ["output"])
     loss_model, entries, frozen, flat = flatten_trainable(full, trainable)
@@ -94,7 +115,7 @@ def export_module(model, example_inputs, example_targets, loss, out_dir, trainab
         inputs=[value_info(v) for v in full.graph.input if v.name in in_names],
         targets=[value_info(v) for v in full.graph.input if v.name in tg_names],
         outputs=[value_info(v) for v in inference.graph.output],
-        loss={"kind": kind, "output": "loss",
+        loss={"kind": kind, "output": "loss", **({"per_sample": "losses"} if each else {}),
               "num_classes": int(out.shape[-1]) if kind == "cross_entropy" else None},
         files={"loss": "loss.onnx", "inference": "inference.onnx", "params": "params.npy",
                "reference": "reference.pt2", **({"pte": "model.pte"} if "pte" in formats else {})},

@@ -3,14 +3,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..devices import active_device, make_session
-from ..devices.memory import return_freed_memory
+from .memory import return_freed_memory
+from .sessions import active_device, make_session
 from . import manifest as manifest_mod
 from .errors import EdgezoError, check
 from .files import load_params
 from .optim import CoordinateProbe, perturbed
 
 ENGINES = ("auto", "batched", "naive")
+BACKENDS = {}  # name -> callable(path, device, threads) returning an Artifact; runtime/ imports none of them
 NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32}
 
 
@@ -41,12 +42,13 @@ class Artifact:
 
     def fast_engine(self):
         """The graph engine for this loss graph, or None (with engine_note saying why) where it does not apply."""
-        if self._engine is not None or self.engine_name == "naive" or self.device != "cpu" or self._no_engine:
+        if self._engine is not None or self.engine_name == "naive" or self._no_engine:
             return self._engine
         from .engine import GraphEngine, Unsupported
         try:
             self._engine = GraphEngine.build(self.file("loss"), self.manifest, propagate=self.engine_name == "auto",
-                                             memory_mb=self.engine_memory_mb, threads=self.threads)
+                                             memory_mb=self.engine_memory_mb, threads=self.threads,
+                                             device=self.device)
         except Exception as e:  # Unsupported, or onnxruntime refusing a cut: building never ends a run
             why = str(e) if isinstance(e, Unsupported) else \
                 f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
@@ -194,11 +196,10 @@ def _paths_note(paths, generic, stacked):
 def load_artifact(path, device="auto", backend="onnxruntime", threads=None, engine="auto", engine_memory_mb=256,
                   lean_memory=False):
     """Open an artifact folder for training. `device`: auto|cpu|cuda; `engine`: auto|batched|naive;
-    `lean_memory`: return freed memory to the OS at once (devices.memory.return_freed_memory)."""
-    if backend == "executorch":  # ExecuTorch's Python runtime loads torch's libraries: kept out of runtime/
-        from ..executorch_backend import ExecutorchArtifact
-        return ExecutorchArtifact(path, device=device, threads=threads)
+    `lean_memory`: return freed memory to the OS at once (runtime.memory.return_freed_memory)."""
+    if backend in BACKENDS:  # registered from outside runtime/ (edgezo/__init__.py: ExecuTorch, which loads torch)
+        return BACKENDS[backend](path, device=device, threads=threads)
     if backend != "onnxruntime":
-        raise EdgezoError(f"--backend must be 'onnxruntime' or 'executorch', got {backend!r}")
+        raise EdgezoError(f"--backend must be one of {['onnxruntime', *BACKENDS]}, got {backend!r}")
     return Artifact(path, device=device, threads=threads, engine=engine, engine_memory_mb=engine_memory_mb,
                     lean_memory=lean_memory)

@@ -31,7 +31,8 @@ from onnx import numpy_helper
 from .direct import Direct, make_direct
 from .graph import _ROLES, Subgraphs, _ancestors, _attrs, _kinds, _tainted, cut, subgraph_inputs
 from .layers import (BatchNorm, Bias, Conv, Flatten, Gemm, MaxPool, Opaque, Relu, SpatialMean, Sum,
-                     Unsupported, per_sample_losses, scores_name, session_options)
+                     Unsupported, per_sample_losses, scores_name)
+from .sessions import make_session
 from .optim import CoordinateProbe
 
 
@@ -57,7 +58,7 @@ class GraphEngine:
         self.layers, self.manifest, self.subgraphs = layers, manifest, subgraphs
         self.sample_bytes = sample_bytes  # the widest activation of one sample, in bytes
         self.propagate, self.memory_bytes = propagate, memory_mb * 2 ** 20
-        self.kind = manifest["loss"]["kind"]
+        self.kind, self.loss_session = manifest["loss"]["kind"], None
         self.input_name = manifest["inputs"][0]["name"]
         self.target_name = manifest["targets"][0]["name"]
         self.output = scores_name(manifest)
@@ -84,6 +85,34 @@ class GraphEngine:
                 else:
                     self.paths[j] = f"stacked: {ops}" if blocked else "engine"
 
+    def sample_losses(self, scores, y):
+        """Per-sample losses [P] (float64) of scores [P, ...] and targets y [P, ...]: the loss graph's own
+        per-sample output (format 2) by a session from the scores, or for a built-in kind numpy's formula where
+        build() found it equal to the graph's (format 1 artifacts: numpy's formula)."""
+        if self.loss_session is None:
+            y = y.astype(np.int64) if self.kind == "cross_entropy" else y.astype(np.float64)
+            return per_sample_losses(scores, y, self.kind)
+        feed = {self.output: np.ascontiguousarray(scores), self.target_name: y}
+        return self.loss_session.run(None, feed)[0].astype(np.float64)
+
+    def check_loss(self, subgraphs, a0, rng):
+        """Format 2: the per-sample losses come from the loss graph; numpy's formula of a built-in kind is used
+        instead only where it gives the graph's values on a probe batch (1e-5 relative)."""
+        name = self.manifest["loss"].get("per_sample")
+        if name is None:
+            return
+        model = cut(subgraphs.model, [self.output, self.target_name], [name])
+        session = make_session(model, subgraphs.device, subgraphs.threads, arena=False)
+        self.loss_session = session
+        if self.kind in ("mse", "cross_entropy", "binary_cross_entropy"):
+            scores = subgraphs.run([self.output], np.zeros(self.manifest["num_params"], np.float32), a0)[self.output]
+            y = rng.integers(0, scores.shape[-1], len(scores)) if self.kind == "cross_entropy" else \
+                rng.random(scores.shape).astype(np.float32)
+            graph = self.sample_losses(scores, y)
+            self.loss_session = None
+            if not np.allclose(self.sample_losses(scores, y), graph, rtol=1e-5, atol=1e-6):
+                self.loss_session = session
+
     def tensor_paths(self):
         """{trainable tensor: "engine", "stacked: <ops>" or "generic: <ops>"}."""
         return {entry["name"]: self.paths[j] for j, layer in enumerate(self.layers) for entry in layer.params.values()}
@@ -105,7 +134,6 @@ class GraphEngine:
         activations they read, so that a stacked batch gets its own size."""
         starts = (start,) if isinstance(start, str) else tuple(start)
         if starts not in self._suffixes:
-            import onnxruntime as ort
             graph = self.subgraphs.model.graph
             after, nodes = set(starts), []
             for node in graph.node:
@@ -127,8 +155,7 @@ class GraphEngine:
                     stack += [n for n in subgraph_inputs(producer[name]) if n not in inits]
             extra = sorted(extra)
             model = cut(self.subgraphs.model, [self.manifest["params_input"], *starts] + extra, [self.output])
-            session = ort.InferenceSession(model.SerializeToString(), session_options(self.subgraphs.threads),
-                                           providers=["CPUExecutionProvider"])
+            session = make_session(model, self.subgraphs.device, self.subgraphs.threads, arena=False)
             self._suffixes[starts] = (session, extra)
         return self._suffixes[starts]
 
@@ -165,11 +192,13 @@ class GraphEngine:
                 self.paths[j] = "generic: " + path[len("stacked: "):] + " (mixes samples or fixes the batch size)"
 
     @classmethod
-    def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None):
+    def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None, device="cpu"):
         """The engine for loss.onnx at model_path; raises Unsupported where an op or pattern is not handled."""
         model = onnx.load(str(model_path))
-        if manifest["loss"]["kind"] not in ("mse", "cross_entropy", "binary_cross_entropy"):
-            raise Unsupported(f"loss kind {manifest['loss']['kind']!r}")
+        if manifest["loss"]["kind"] not in ("mse", "cross_entropy", "binary_cross_entropy") and \
+                not manifest["loss"].get("per_sample"):
+            raise Unsupported(f"loss kind {manifest['loss']['kind']!r} without a per-sample output (export the loss "
+                              "with reduction 'none', one value per sample)")
         if len(manifest["inputs"]) != 1 or len(manifest["targets"]) != 1:
             raise Unsupported("more than one input or target")
         graph = model.graph
@@ -191,7 +220,7 @@ class GraphEngine:
         folded = sorted({n for node in nodes for n in node.input[1:]
                          if n and kinds.get(n) == "static" and n not in const and n not in entries})
         # one run at a dummy batch of 2 (zeros): the folded tensors' values and every activation's shape
-        subgraphs = Subgraphs(model, manifest, threads)
+        subgraphs = Subgraphs(model, manifest, threads, device=device)
         outs = [node.output[0] for node in nodes]
         frozen_in = sorted({n for node in nodes for n in node.input if kinds.get(n) == "data"} - set(outs)
                            - {manifest["inputs"][0]["name"]})
@@ -244,15 +273,17 @@ class GraphEngine:
             raise Unsupported(f"trainable tensors outside the graph's data path: {sorted(set(entries) - used)[:3]}")
         convs = [layer for layer in layers if isinstance(layer, Conv)]
         for layer in convs:
-            layer.make_session(threads)
+            layer.make_session(threads, device)
         # Convolutions run much faster in onnxruntime; for Gemm-only graphs numpy's forward is faster
         # than a session call (measured: SARCOS MLP 3.4 vs 4.3 ms per step)
         base = subgraphs if convs or frozen or any(isinstance(layer, Opaque) for layer in layers) else None
         widest = max(probe[layer.output].nbytes // 2 for layer in layers)
         engine = cls(layers, manifest, propagate, memory_mb, base, widest)
         engine.kinds = kinds
-        engine.check_stacking(np.random.default_rng(0).standard_normal(
-            [3] + list(manifest["inputs"][0]["shape"][1:])).astype(np.float32))
+        rng = np.random.default_rng(0)
+        a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(np.float32)
+        engine.check_stacking(a0)
+        engine.check_loss(subgraphs, a0, rng)
         return engine
 
     @staticmethod
@@ -337,7 +368,6 @@ class GraphEngine:
         x = np.asarray(params, np.float32)
         a0 = np.ascontiguousarray(inputs[self.input_name], np.float32)
         y = targets[self.target_name]
-        y = y.astype(np.int64) if self.kind == "cross_entropy" else y.astype(np.float64)
         if self.subgraphs is not None:
             # only the activations this step's layers read: onnxruntime frees the others as it goes
             names = sorted(set().union({self.output}, *(self.needs(j) for j in np.unique(self.owner[probe.index])))
@@ -348,7 +378,7 @@ class GraphEngine:
         out = np.empty(len(probe))
         base_rows = probe.delta == 0
         if base_rows.any():
-            out[base_rows] = per_sample_losses(acts[self.output], y, self.kind).mean()
+            out[base_rows] = self.sample_losses(acts[self.output], y).mean()
         rows = np.flatnonzero(~base_rows)
         owners = self.owner[probe.index[rows]]
         # rows per chunk, so that blocks, responses and dense copies of a chunk stay under the cap
@@ -394,7 +424,7 @@ class GraphEngine:
         for r, (i, d) in enumerate(zip(index, delta)):
             moved[i] = x[i] + d
             feed[self.manifest["params_input"]] = moved
-            out[r] = per_sample_losses(session.run(None, feed)[0], y, self.kind).mean()
+            out[r] = self.sample_losses(session.run(None, feed)[0], y).mean()
             moved[i] = x[i]
         return out
 
@@ -512,7 +542,7 @@ class GraphEngine:
         that stays off, a zero input) keeps its base loss: only the changed (copy, sample) rows run."""
         widest = self.sample_bytes * len(acts[self.input_name])
         chunk = int(max(1, min(copies, self.memory_bytes // (16 * widest + 1))))  # room for live tensors, windows
-        base = per_sample_losses(acts[self.output], y, self.kind)
+        base = self.sample_losses(acts[self.output], y)
         out = np.empty(copies)
         for s in range(0, copies, chunk):
             part = dense(np.arange(s, min(s + chunk, copies)))
@@ -530,6 +560,6 @@ class GraphEngine:
                     live[layer.output] = layer.copies(live, acts, sample, x)
                     for name in drops:
                         del live[name]
-            change = per_sample_losses(live[self.output], y[sample], self.kind) - base[sample]
+            change = self.sample_losses(live[self.output], y[sample]) - base[sample]
             out[s:s + chunk] = (base.sum() + np.bincount(copy, weights=change, minlength=r)) / n
         return out

@@ -2,7 +2,8 @@
 subgraphs (values used inside If/Loop bodies are kept)."""
 import onnx
 
-from .layers import Unsupported, session_options
+from .layers import Unsupported
+from .sessions import make_session
 
 _ROLES = {"Gemm": ("input", "weight", "bias"), "MatMul": ("input", "weight"), "Conv": ("input", "weight", "bias"),
           "BatchNormalization": ("input", "scale", "bias", "mean", "var"), "Add": ("input", "bias")}
@@ -94,19 +95,17 @@ class Subgraphs:
     """Sessions for parts of loss.onnx from the flat params and the model input to given tensors, made
     on first use and cached (the few most recent). A session computes only what its outputs need."""
 
-    def __init__(self, model, manifest, threads, keep=8):
+    def __init__(self, model, manifest, threads, keep=8, device="cpu"):
         self.model = onnx.shape_inference.infer_shapes(model)
         self.inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
-        self.threads, self.keep, self.sessions = threads, keep, {}
+        self.threads, self.keep, self.sessions, self.device = threads, keep, {}, device
 
     def session(self, names):
-        import onnxruntime as ort
         key = tuple(names)
         session = self.sessions.pop(key, None)
         if session is None:
             model = cut(self.model, self.inputs, list(names))
-            session = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
-                                           providers=["CPUExecutionProvider"])
+            session = make_session(model, self.device, self.threads, arena=False)
         self.sessions[key] = session
         if len(self.sessions) > self.keep:
             del self.sessions[next(iter(self.sessions))]

@@ -2,6 +2,8 @@
 loss. Ops without numpy code become Opaque (onnxruntime computes them; see engine.py for the paths)."""
 import numpy as np
 
+from .sessions import make_session
+
 class Unsupported(Exception):
     """The graph or probe is outside what the engine handles; the message says why."""
 
@@ -37,21 +39,6 @@ def per_sample_losses(out, target, kind):
 def scores_name(manifest):
     """The tensor the loss reads: the logits before a Softmax/Sigmoid output, else the model output."""
     return manifest["loss"].get("logits") or manifest["outputs"][0]["name"]
-
-
-def session_options(threads):
-    """onnxruntime options for the engine's sessions. Spinning is off: onnxruntime's idle threads would
-    otherwise busy-wait after each call and starve numpy's BLAS threads that run next. The memory arena
-    is off: each session would keep its own peak (ResNet-20's engine at batch 128 rose 557 MiB with it,
-    426 without)."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return options
 
 
 # ---------------------------------------------------------------- layers
@@ -131,8 +118,7 @@ class Conv(Layer):
         return self.session.run(None, {"X": np.ascontiguousarray(a, np.float32), "W": np.ascontiguousarray(w),
                                        "B": np.ascontiguousarray(b, np.float32)})[0]
 
-    def make_session(self, threads):
-        import onnxruntime as ort
+    def make_session(self, threads, device="cpu"):
         from onnx import TensorProto, helper
         node = helper.make_node("Conv", ["X", "W", "B"], ["Y"], pads=list(self.pads), strides=list(self.stride),
                                 kernel_shape=list(self.kernel))
@@ -140,8 +126,7 @@ class Conv(Layer):
                                                    for n in ("X", "W", "B")],
                                   [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        self.session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = make_session(model, device, threads, arena=False)
 
     def block(self, a, z, x, role, element, delta):
         """Rows' perturbed output channels: (channel [R], maps [R, N, H', W'])."""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .errors import EdgezoError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: no per-sample loss output (the engine computes it for the built-in kinds)
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 
@@ -64,9 +65,9 @@ def validate(manifest, source="manifest.json"):
     error = _check(manifest, spec, "manifest", spec)
     if error:
         raise EdgezoError(f"{source}: {error}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in READABLE_VERSIONS:
         raise EdgezoError(f"{source}: format_version {manifest['format_version']} is not supported "
-                          f"(this edgezo reads {FORMAT_VERSION})")
+                          f"(this edgezo reads {', '.join(map(str, READABLE_VERSIONS))})")
     offset = 0
     for i, t in enumerate(manifest["trainable"]):
         size = 1

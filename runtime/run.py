@@ -97,7 +97,7 @@ def _train(args, log=print):
     from .data import check_batch_size, num_rows
     from .files import save_json
     from .train import DivergenceGuard, fit
-    from ..devices.memory import rss_mb
+    from .memory import rss_mb
     baseline = rss_mb()
     if args.resume:
         args = resume_args(args)
@@ -166,7 +166,7 @@ def _train(args, log=print):
 
 def write_run(args, inference_path, manifest, params, metrics, log=print):
     """params.npy, trained.onnx and metrics.json into the run folder, each written atomically."""
-    from ..devices.memory import peak_rss_mb
+    from .memory import peak_rss_mb
     from .files import save_json, save_npy
     from .writeback import write_back
     out = Path(args.out)

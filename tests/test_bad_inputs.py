@@ -82,8 +82,8 @@ CASES = {
     "manifest fails its schema": (lambda c: train(c, artifact=art(c, edit_manifest(loss={"kind": "hinge",
                                                                                           "output": "loss"}))),
                                   "manifest.loss.kind must be one of"),
-    "manifest of a newer format": (lambda c: train(c, artifact=art(c, edit_manifest(format_version=2))),
-                                   "format_version must be 1"),
+    "manifest of a newer format": (lambda c: train(c, artifact=art(c, edit_manifest(format_version=3))),
+                                   "format_version must be one of [1, 2]"),
     "manifest offsets do not add up": (lambda c: train(c, artifact=art(c, edit_manifest(
         trainable=lambda m: m["trainable"][1].update(offset=5)))), "expected offset 1344"),
     "manifest does not match its graph": (lambda c: train(c, artifact=art(c, lambda p: shutil.copy(

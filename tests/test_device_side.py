@@ -30,3 +30,15 @@ def test_python_310_compatible():
                            "--eval-annotations", str(ROOT / "runtime"), str(ROOT / "devices")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_runtime_imports_nothing_above_it():
+    """runtime/ is the bottom layer: it imports neither the edgezo/ package above it (the ExecuTorch backend
+    registers itself from there) nor devices/ (which imports runtime/: no circle)."""
+    for path in (ROOT / "runtime").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path}: from {'.' * node.level}{node.module} reaches above runtime/"
+                assert not (node.level == 0 and (node.module or "").startswith("edgezo")), f"{path}: {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("edgezo") for a in node.names), f"{path} imports the edgezo package"

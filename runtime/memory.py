@@ -1,0 +1,37 @@
+"""Process memory probes from /proc (Linux, Jetson included). No torch."""
+
+
+def _status_kb(field, pid="self"):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_mb(pid="self"):
+    """The process's peak resident set (VmHWM) in MiB, or None where /proc is unavailable."""
+    kb = _status_kb("VmHWM", pid)
+    return None if kb is None else kb / 1024
+
+
+def rss_mb(pid="self"):
+    kb = _status_kb("VmRSS", pid)
+    return None if kb is None else kb / 1024
+
+
+def return_freed_memory():
+    """glibc: serve allocations over 128 KiB with mmap and give them back to the OS when freed.
+
+    By default glibc raises that threshold after each large free (up to 32 MiB), so freed activations
+    stay in its per-thread heaps and the peak RSS grows to a multiple of the live data (the ResNet-20
+    engine at batch 128: 356 vs 194 MiB). The cost is a page fault per new large array (about 20% on
+    the SARCOS MLP engine). Process-wide; returns False where the C library is not glibc."""
+    import ctypes
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
