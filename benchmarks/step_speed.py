@@ -35,6 +35,7 @@ CASES = {  # name: (built-in model, budget B, batch, input shape, classes or Non
     "resnet20": ("resnet20", 2048, 128, (3, 32, 32), 10, 64),
 }
 TARGET_MS = {"mlp": 1.0, "cnn": 60.0}
+DEVICE = ["cpu"]  # --device, for the deployed models
 DEPLOYED = {  # name: (model, its size settings, selection, batch)
     "mnv3-96-head": ("mobilenetv3_small", dict(side=96), "head", 32),
     "mnv3-96-block": ("mobilenetv3_small", dict(side=96), "block", 32),
@@ -150,7 +151,7 @@ def bench(name, steps, sample):
 def forward_ms(path, x, repeat=10):
     """One plain forward of the deployed model (inference.onnx) at the batch, onnxruntime, 2 threads."""
     from edgezo.runtime.sessions import make_session
-    session = make_session(path / "inference.onnx", "cpu", 2)
+    session = make_session(path / "inference.onnx", DEVICE[0], 2)
     feed = {session.get_inputs()[0].name: x}
     session.run(None, feed)
     return 1000 * timed(lambda: session.run(None, feed), repeat)
@@ -162,7 +163,7 @@ def bench_deployed(name, steps, sample):
     from edgezo.runtime.optim import CoCD
     model, size, selection, batch = DEPLOYED[name]
     path = deployed_artifact(model, selection, **size)
-    arts = {e: load_artifact(path, device="cpu", threads=2, engine=e) for e in ("auto", "batched", "naive")}
+    arts = {e: load_artifact(path, device=DEVICE[0], threads=2, engine=e) for e in ("auto", "batched", "naive")}
     shape = arts["naive"].manifest["inputs"][0]["shape"][1:]
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((batch, *shape)).astype(np.float32), rng.integers(0, 10, batch)
@@ -269,15 +270,18 @@ def main():
     parser.add_argument("--models", nargs="+", choices=list(CASES) + list(DEPLOYED), default=list(CASES))
     parser.add_argument("--steps", type=int, default=12, help="steps spread across the coordinate cycle")
     parser.add_argument("--sample", type=int, default=128, help="probe rows timed per step on the slow paths")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="deployed models: where the artifacts run (cuda: the device engine, onnxruntime-gpu)")
     parser.add_argument("--baseline", metavar="COMMIT", help="also time mlp/cnn's engine with COMMIT's code")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_only:
         return engine_only(args.models)
+    DEVICE[0] = args.device
     results = {}
     for name in args.models:
         print(f"{name}:", flush=True)
-        results[name] = bench_deployed(name, args.steps, min(args.sample, 8)) if name in DEPLOYED else \
+        results[name] = bench_deployed(name, max(args.steps, 24), min(args.sample, 8)) if name in DEPLOYED else \
             bench(name, args.steps, args.sample)
     paper = [m for m in args.models if m in ("mlp", "cnn")]
     if args.baseline and paper:

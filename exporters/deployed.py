@@ -143,10 +143,11 @@ def build(name, **kwargs):
         shape = (model.pos.shape[1], model.embed.in_features)
     else:
         raise ValueError(f"unknown model {name!r}: mobilenetv3_small, resnet18, transformer")
-    for m in model.modules():  # deployed BatchNorms carry learned statistics, not 0 / 1
-        if isinstance(m, nn.BatchNorm2d):
+    for m in model.modules():  # deployed norms carry learned values, not 0 / 1 (which the exporter would also
+        if isinstance(m, nn.BatchNorm2d):  # merge into one shared initializer)
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.1, 0.1)
     return model.eval(), shape

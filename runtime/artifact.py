@@ -57,6 +57,9 @@ class Artifact:
             self.engine_note = f"fast engine not used ({why}); evaluating one perturbation per call"
             self._no_engine = True
             return None
+        if self.device != "cpu":  # kernels as ONNX graphs, activations and copies on the device
+            from .device_engine import DeviceEngine
+            self._engine = DeviceEngine(self._engine, self.device)
         paths = self._engine.tensor_paths()
         generic = {name: path for name, path in paths.items() if path.startswith("generic")}
         stacked = {name: path for name, path in paths.items() if path.startswith("stacked")}
@@ -182,8 +185,8 @@ def _paths_note(paths, generic, stacked):
     """One line: how many trainable tensors take each engine path, and every op that decided it."""
     def ops(group, prefix):
         return sorted({op for v in group.values() for op in v[len(prefix):].split(", ")})
-    line = (f"engine paths: {len(paths) - len(generic) - len(stacked)} of {len(paths)} trainable tensors all in "
-            "numpy kernels")
+    line = (f"engine paths: {len(paths) - len(generic) - len(stacked)} of {len(paths)} trainable tensors all in the "
+            "engine's kernels")
     if stacked:
         line += f", {len(stacked)} with the rest stacked in onnxruntime (past {', '.join(ops(stacked, 'stacked: '))})"
     if generic:

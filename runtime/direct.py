@@ -130,7 +130,7 @@ def make_direct(node, entries, used, kinds, shapes, producer):
     if op == "Gemm":
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             raise Unsupported("Gemm with transA, alpha or beta")
-    layer.trans_b = bool(attrs.get("transB", 0)) or transposed
+    layer.trans_b, layer.transposed = bool(attrs.get("transB", 0)) or transposed, transposed
     if op == "MatMul" and len(params["weight"]["shape"]) != 2:
         raise Unsupported("MatMul by a weight of rank other than 2")
     if op in ("Add", "Mul"):

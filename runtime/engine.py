@@ -101,7 +101,7 @@ class GraphEngine:
         name = self.manifest["loss"].get("per_sample")
         if name is None:
             return
-        model = cut(subgraphs.model, [self.output, self.target_name], [name])
+        model = self.loss_model = cut(subgraphs.model, [self.output, self.target_name], [name])
         session = make_session(model, subgraphs.device, subgraphs.threads, arena=False)
         self.loss_session = session
         if self.kind in ("mse", "cross_entropy", "binary_cross_entropy"):
@@ -128,35 +128,40 @@ class GraphEngine:
         layer = self.layers[j]
         return layer.output if isinstance(layer, Direct) else self.dense_start(layer.output)
 
-    def suffix(self, start):
-        """(onnxruntime session from `start` (a name, or a tuple of names) to the loss's scores, names of the
+    def suffix_model(self, start):
+        """(the cut of loss.onnx from `start` (a name, or a tuple of names) to the loss's scores, names of the
         other activations it reads). Values computed from the batch size (Shape) are recomputed from the
         activations they read, so that a stacked batch gets its own size."""
         starts = (start,) if isinstance(start, str) else tuple(start)
+        graph = self.cuts.model.graph
+        after, nodes = set(starts), []
+        for node in graph.node:
+            if any(n in after for n in subgraph_inputs(node)):
+                nodes.append(node)
+                after.update(node.output)
+        inits = {t.name for t in graph.initializer}
+        producer = {o: node for node in graph.node for o in node.output}
+        stack = [n for node in nodes for n in subgraph_inputs(node) if n not in after and n not in inits]
+        extra, seen = set(), set()
+        while stack:  # params and constants: cut computes them
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if self.kinds.get(name) == "data":
+                extra.add(name)
+            elif self.kinds.get(name) == "batch" and name in producer:
+                stack += [n for n in subgraph_inputs(producer[name]) if n not in inits]
+        extra = sorted(extra)
+        return cut(self.cuts.model, [self.manifest["params_input"], *starts] + extra, [self.output]), extra
+
+    def suffix(self, start):
+        """(onnxruntime session of suffix_model(start), names of the other activations it reads)."""
+        starts = (start,) if isinstance(start, str) else tuple(start)
         if starts not in self._suffixes:
-            graph = self.subgraphs.model.graph
-            after, nodes = set(starts), []
-            for node in graph.node:
-                if any(n in after for n in subgraph_inputs(node)):
-                    nodes.append(node)
-                    after.update(node.output)
-            inits = {t.name for t in graph.initializer}
-            producer = {o: node for node in graph.node for o in node.output}
-            stack = [n for node in nodes for n in subgraph_inputs(node) if n not in after and n not in inits]
-            extra, seen = set(), set()
-            while stack:  # params and constants: cut computes them
-                name = stack.pop()
-                if name in seen:
-                    continue
-                seen.add(name)
-                if self.kinds.get(name) == "data":
-                    extra.add(name)
-                elif self.kinds.get(name) == "batch" and name in producer:
-                    stack += [n for n in subgraph_inputs(producer[name]) if n not in inits]
-            extra = sorted(extra)
-            model = cut(self.subgraphs.model, [self.manifest["params_input"], *starts] + extra, [self.output])
-            session = make_session(model, self.subgraphs.device, self.subgraphs.threads, arena=False)
-            self._suffixes[starts] = (session, extra)
+            model, extra = self.suffix_model(starts)
+            self._suffixes[starts] = (make_session(model, self.cuts.device, self.cuts.threads, arena=False),
+                                      extra)
         return self._suffixes[starts]
 
     def run_suffix(self, start, rows, acts, sample, x):
@@ -279,7 +284,7 @@ class GraphEngine:
         base = subgraphs if convs or frozen or any(isinstance(layer, Opaque) for layer in layers) else None
         widest = max(probe[layer.output].nbytes // 2 for layer in layers)
         engine = cls(layers, manifest, propagate, memory_mb, base, widest)
-        engine.kinds = kinds
+        engine.kinds, engine.cuts = kinds, subgraphs  # cuts: the cut-subgraph factory even where the base is numpy
         rng = np.random.default_rng(0)
         a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(np.float32)
         engine.check_stacking(a0)

@@ -69,3 +69,56 @@ def test_constant_node_weights_and_an_if_between_trainable_layers(tmp_path):
     params = fast.initial_params()
     for probe in probes(fast, 5, 1e-2):
         check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 5)
+
+
+def test_a_tensor_read_by_several_ops_takes_the_generic_path_exactly(tmp_path):
+    """Tied weights (one initializer read by two MatMuls, as the TorchScript exporter makes of equal
+    initializers): a perturbation moves both uses, so the generic path starts before the first one."""
+    from onnx import TensorProto, helper
+    from test_wild_onnx import arr, save
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["m"]), helper.make_node("Gemm", ["m", "w2", "b2"], ["out"])]
+    path = save(tmp_path, nodes, {"w": arr(4, 4), "w2": arr(4, 3), "b2": arr(3)},
+                [("x", TensorProto.FLOAT, ["N", 4])], [("out", TensorProto.FLOAT, ["N", 3])])
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=["*"], log=lambda line: None)
+    fast, naive = load_artifact(art, device="cpu"), load_artifact(art, device="cpu", engine="naive")
+    paths = fast.tensor_paths()
+    assert paths["w"].startswith("generic: MatMul ('w' is read by 2 ops)") and paths["w2"] == "engine", paths
+    x, y = np.random.default_rng(6).standard_normal((5, 4)).astype(np.float32), np.array([0, 1, 2, 1, 0])
+    params = fast.initial_params()
+    for probe in probes(fast, 6, 1e-2):
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 6)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_device_engine_matches_naive(deployed_file, tmp_path, name):
+    """The engine as it runs on --device cuda (kernels as ONNX graphs, activations and copies bound to the
+    provider's memory, one fused session per tensor), here on the CPU provider."""
+    from edgezo.runtime.device_engine import DeviceEngine
+    path, shape = deployed_file[name]
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=deployed.SELECTIONS[name]["block"],
+                      log=lambda line: None)
+    fast, naive = load_artifact(art, device="cpu", threads=1), load_artifact(art, device="cpu", engine="naive")
+    device = DeviceEngine(fast.fast_engine(), "cpu")
+    paths = device.tensor_paths()
+    assert {p for p in paths.values() if p.startswith("device")}, paths
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((3, *shape)).astype(np.float32), np.array([2, 5, 9])
+    feed = fast.feeds(x, y)
+    params = fast.initial_params()
+    cycle = -(-fast.num_params // 16)
+    for probe in probes(fast, 16, 1e-2, every=max(1, cycle // 5)):
+        check_step(device.losses(params, probe, feed, feed), naive.losses(params, probe, x, y), 1e-2, 16)
+
+
+def test_device_engine_on_the_paper_models(mlp_artifact, cnn_artifact):
+    from edgezo.runtime.device_engine import DeviceEngine
+    from test_engine import data
+    for path, kind, budget in ((mlp_artifact, "mlp", 64), (cnn_artifact, "cnn", 256)):
+        fast, naive = load_artifact(path, device="cpu"), load_artifact(path, device="cpu", engine="naive")
+        device = DeviceEngine(fast.fast_engine(), "cpu")
+        x, y = data(kind, 4, np.random.default_rng(2))
+        feed = fast.feeds(x, y)
+        params = fast.initial_params() + np.float32(0.01)
+        for probe in probes(fast, budget, 1e-2, every=30):
+            check_step(device.losses(params, probe, feed, feed), naive.losses(params, probe, x, y), 1e-2, budget)
