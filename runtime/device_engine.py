@@ -235,9 +235,11 @@ class DeviceEngine:
                 continue
             for role, entry in layer.params.items():
                 mine = sel[(probe.index[sel] >= entry["offset"]) & (probe.index[sel] < entry["offset"] + entry["size"])]
-                if len(mine):
-                    out[mine] = self._tensor_losses(j, role, acts, a0, probe.index[mine] - entry["offset"],
-                                                    probe.delta[mine].astype(np.float32), y)
+                chunk = int(max(1, engine.memory_bytes // (16 * engine.sample_bytes * len(a0) + 1)))
+                for s in range(0, len(mine), chunk):  # copies of a call stay under --engine-memory-mb
+                    part = mine[s:s + chunk]
+                    out[part] = self._tensor_losses(j, role, acts, a0, probe.index[part] - entry["offset"],
+                                                    probe.delta[part].astype(np.float32), y)
         return out
 
     def _needs(self, j):
