@@ -61,6 +61,21 @@ def sample_rows(probe, rows):
     return CoordinateProbe(probe.index[:rows], probe.delta[:rows])
 
 
+def step_ms(art, params, warm, timed_probes, rows, x, y, label):
+    """ms per step over timed_probes (each on `rows` of its rows, scaled to all of them where given)."""
+    for probe in warm:  # warm up: each step's sessions are made on first use, then reused every cycle
+        art.losses(params, sample_rows(probe, 2), x, y)
+    total = 0.0
+    for probe in timed_probes:
+        p = sample_rows(probe, rows) if rows and rows < len(probe) else probe
+        total += timed(lambda: art.losses(params, p, x, y)) * len(probe) / len(p)
+    ms = 1000 * total / len(timed_probes)
+    full = len(timed_probes[0])
+    print(f"  {label} {ms:10.2f} ms/step" + (f" (from {rows} of {full} rows per step)" if rows and rows < full else ""),
+          flush=True)
+    return ms
+
+
 def torch_reference_ms(artifact_dir, probes, x, y, classes, rows):
     """The reference's eager loop: per coordinate, +eps, forward, -2eps, forward, +eps."""
     import torch
@@ -125,17 +140,8 @@ def bench(name, steps, sample):
             print(f"  {name} {engine:8s} not applicable: {note}", flush=True)
             continue
         rows = sample if engine == "naive" else engine_rows
-        for probe in probes:  # warm up: each step's sessions are made on first use, then reused every cycle
-            art.losses(params, sample_rows(probe, 2), x, y)
-        timed_probes = probes if rows else full_cycle
-        total = 0.0
-        for probe in timed_probes:
-            p = sample_rows(probe, rows) if rows and rows < len(probe) else probe
-            total += timed(lambda: art.losses(params, p, x, y)) * len(probe) / len(p)
-        result[f"{engine}_ms"] = 1000 * total / len(timed_probes)
-        print(f"  {name} {engine:8s} {result[f'{engine}_ms']:10.2f} ms/step"
-              + (f" (from {rows} of {len(probes[0])} rows per step)" if rows and rows < len(probes[0]) else ""),
-              flush=True)
+        result[f"{engine}_ms"] = step_ms(art, params, probes, probes if rows else full_cycle, rows, x, y,
+                                         f"{name} {engine:8s}")
     result["torch_reference_ms"] = torch_reference_ms(path, probes, x, y, classes, sample)
     print(f"  {name} torch ref {result['torch_reference_ms']:10.2f} ms/step (eager, in place; "
           f"{min(sample, 2 * budget)} of {2 * budget} rows per step timed)", flush=True)
@@ -187,16 +193,7 @@ def bench_deployed(name, steps, sample):
             result["engine_paths"] = sorted(set(art.tensor_paths().values()))
             result["engine_note"] = art.engine_note
         rows = sample if engine == "naive" else None
-        for probe in probes:  # warm up: each step's sessions are made on first use, then reused every cycle
-            art.losses(params, sample_rows(probe, 2), x, y)
-        total = 0.0
-        for probe in probes:
-            p = sample_rows(probe, rows) if rows and rows < len(probe) else probe
-            total += timed(lambda: art.losses(params, p, x, y)) * len(probe) / len(p)
-        result[f"{engine}_ms"] = 1000 * total / len(probes)
-        print(f"  {name} {engine:8s} {result[f'{engine}_ms']:10.2f} ms/step"
-              + (f" (from {rows} of {len(probes[0])} rows per step)" if rows and rows < len(probes[0]) else ""),
-              flush=True)
+        result[f"{engine}_ms"] = step_ms(art, params, probes, probes, rows, x, y, f"{name} {engine:8s}")
     result["forward_ms"] = forward_ms(path, x)
     print(f"  {name} forward  {result['forward_ms']:10.2f} ms (one plain forward at batch {batch})", flush=True)
     best = min(v for k, v in result.items() if k in ("auto_ms", "batched_ms") and v is not None)
