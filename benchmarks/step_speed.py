@@ -222,7 +222,7 @@ def baseline_engine_ms(commit, models):
     for sub in ("runtime", "exporters", "devices"):
         shutil.copytree(tree / sub, package / sub)
     env = dict(os.environ, PYTHONPATH=str(tree / "pkg"), EDGEZO_BENCH_ARTIFACTS=str(tree / "artifacts"))
-    out = subprocess.run([sys.executable, __file__, "--engine-only", "--models", *models], env=env,
+    out = subprocess.run([sys.executable, __file__, "--engine-only", "--models", *models], env=env, cwd=tree / "pkg",
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
