@@ -95,7 +95,7 @@ class GraphEngine:
         feed = {self.output: np.ascontiguousarray(scores), self.target_name: y}
         return self.loss_session.run(None, feed)[0].astype(np.float64)
 
-    def check_loss(self, subgraphs, a0, rng):
+    def check_loss(self, subgraphs, scores, rng):
         """Format 2: the per-sample losses come from the loss graph; numpy's formula of a built-in kind is used
         instead only where it gives the graph's values on a probe batch (1e-5 relative)."""
         name = self.manifest["loss"].get("per_sample")
@@ -105,7 +105,6 @@ class GraphEngine:
         session = make_session(model, subgraphs.device, subgraphs.threads, arena=False)
         self.loss_session = session
         if self.kind in ("mse", "cross_entropy", "binary_cross_entropy"):
-            scores = subgraphs.run([self.output], np.zeros(self.manifest["num_params"], np.float32), a0)[self.output]
             y = rng.integers(0, scores.shape[-1], len(scores)) if self.kind == "cross_entropy" else \
                 rng.random(scores.shape).astype(np.float32)
             graph = self.sample_losses(scores, y)
@@ -225,7 +224,7 @@ class GraphEngine:
         folded = sorted({n for node in nodes for n in node.input[1:]
                          if n and kinds.get(n) == "static" and n not in const and n not in entries})
         # one run at a dummy batch of 2 (zeros): the folded tensors' values and every activation's shape
-        subgraphs = Subgraphs(model, manifest, threads, device=device)
+        subgraphs = Subgraphs(model, manifest, threads, device=device, keep=2)
         outs = [node.output[0] for node in nodes]
         frozen_in = sorted({n for node in nodes for n in node.input if kinds.get(n) == "data"} - set(outs)
                            - {manifest["inputs"][0]["name"]})
@@ -288,7 +287,8 @@ class GraphEngine:
         rng = np.random.default_rng(0)
         a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(np.float32)
         engine.check_stacking(a0)
-        engine.check_loss(subgraphs, a0, rng)
+        engine.check_loss(subgraphs, probe[output] + rng.standard_normal(probe[output].shape).astype(np.float32), rng)
+        subgraphs.sessions.clear()  # the build's sessions (each holds the frozen weights) are not the steps'
         return engine
 
     @staticmethod
