@@ -7,6 +7,7 @@ import numpy as np
 
 from .graph import _attrs
 from .layers import Opaque, Unsupported
+from .sessions import make_session
 
 
 class Direct(Opaque):
@@ -96,6 +97,35 @@ class ConvDirect(Direct):
         return self._cached[1]
 
 
+class ConvTransposeDirect(Direct):
+    """ConvTranspose: weight (c, o, p, q) (layout [C_in, C_out / groups, kh, kw]) moves output channel
+    (group of c) x C_out/groups + o by delta x input channel c scattered through tap (p, q); bias by delta. The
+    scatter is onnxruntime's ConvTranspose of that one channel with a one-hot kernel (same strides, pads,
+    dilations, output shape)."""
+
+    def move(self, out, acts, x, role, e, d):
+        if role == "bias":
+            out[:, e] += d
+            return
+        c_n, o_g, kh, kw = self.param_shape(role)
+        c, o, p, q = np.unravel_index(e, (c_n, o_g, kh, kw))
+        kernel = np.zeros((1, 1, kh, kw), np.float32)
+        kernel[0, 0, p, q] = 1
+        a = np.ascontiguousarray(acts[self.inputs[0]][:, c:c + 1])
+        spread = self.session.run(None, {"X": a, "W": kernel})[0]
+        out[:, (c // (c_n // self.group)) * o_g + o] += d * spread[:, 0]
+
+    def make_session(self, threads, device, out_hw):
+        from onnx import TensorProto, helper
+        attrs = {k: v for k, v in _attrs(self.node).items() if k in ("strides", "pads", "dilations", "output_padding")}
+        node = helper.make_node("ConvTranspose", ["X", "W"], ["Y"], output_shape=list(out_hw), **attrs)
+        graph = helper.make_graph([node], "spread", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                                     for n in ("X", "W")],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+        self.session = make_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), device,
+                                    threads, arena=False)
+
+
 def make_direct(node, entries, used, kinds, shapes, producer):
     """The Direct layer for `node` whose trainable inputs are whole tensors of `entries` (a MatMul's weight
     also through a Transpose); raises Unsupported."""
@@ -104,6 +134,7 @@ def make_direct(node, entries, used, kinds, shapes, producer):
     if len(data) != 1:
         raise Unsupported(f"{op} with {len(data)} activation inputs")
     roles = {"MatMul": ("input", "weight"), "Gemm": ("input", "weight", "bias"), "Conv": ("input", "weight", "bias"),
+             "ConvTranspose": ("input", "weight", "bias"),
              "LayerNormalization": ("input", "scale", "bias"), "Add": ("input", "bias"),
              "Mul": ("input", "weight")}.get(op)
     if roles is None:
@@ -123,7 +154,8 @@ def make_direct(node, entries, used, kinds, shapes, producer):
         raise Unsupported(f"{op} holds its trainable tensor through other ops")
     if any(entries[n]["name"] in used for n in names[1:] if n in entries):
         raise Unsupported(f"a tensor of {op} {node.output[0]!r} is used twice")
-    cls = {"MatMul": MatMulDirect, "Gemm": MatMulDirect, "Conv": ConvDirect, "LayerNormalization": LayerNormDirect,
+    cls = {"MatMul": MatMulDirect, "Gemm": MatMulDirect, "Conv": ConvDirect, "ConvTranspose": ConvTransposeDirect,
+           "LayerNormalization": LayerNormDirect,
            "Add": BroadcastDirect, "Mul": BroadcastDirect}[op]
     layer = cls(node, {}, params, data)
     out_shape, in_shape = shapes[node.output[0]], shapes[data[0]]
@@ -149,5 +181,10 @@ def make_direct(node, entries, used, kinds, shapes, producer):
         layer.stride = tuple(attrs.get("strides", [1, 1]))
         layer.dilation = tuple(attrs.get("dilations", [1, 1]))
         layer.pads = tuple(attrs.get("pads", [0, 0, 0, 0]))
+    if op == "ConvTranspose":
+        if len(in_shape) != 4 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise Unsupported("ConvTranspose that is not 2-D, or with auto_pad")
+        layer.group = int(attrs.get("group", 1))
+        layer.make_session(None, "cpu", out_shape[2:])
     used.update(e["name"] for e in params.values())
     return layer
