@@ -62,12 +62,15 @@ def sample_rows(probe, rows):
 
 
 def step_ms(art, params, warm, timed_probes, rows, x, y, label):
-    """ms per step over timed_probes (each on `rows` of its rows, scaled to all of them where given)."""
-    for probe in warm:  # warm up: each step's sessions are made on first use, then reused every cycle
+    """ms per step over timed_probes (each on `rows` of its rows, scaled to all of them where given). Each step
+    is timed after an untimed call of the same step (2 rows): the cut sessions a layer's steps use are made on
+    its first step and reused by the next ones (n_layer / B steps per cycle), which sampled steps would miss."""
+    for probe in warm:
         art.losses(params, sample_rows(probe, 2), x, y)
     total = 0.0
     for probe in timed_probes:
         p = sample_rows(probe, rows) if rows and rows < len(probe) else probe
+        art.losses(params, sample_rows(probe, 2), x, y)
         total += timed(lambda: art.losses(params, p, x, y)) * len(probe) / len(p)
     ms = 1000 * total / len(timed_probes)
     full = len(timed_probes[0])
