@@ -160,7 +160,7 @@ class DeviceEngine:
             graph = suffix.graph  # its inputs (start, extras, target) are made here from the "__base" inputs
             f32 = TensorProto.FLOAT
             nodes = [helper.make_node("Shape", ["idx"], ["R"]), helper.make_node("Shape", ["Z"], ["Zs"]),
-                     _c("one", [1]), _c("neg1", [-1]), _c("z0", [0]), _c("z1", [1]), _c("big", [1 << 30]),
+                     _c("neg1", [-1]), _c("z1", [1]), _c("big", [1 << 30]),
                      helper.make_node("Slice", ["Zs", "z1", "big"], ["Ztail"]),
                      helper.make_node("Concat", ["neg1", "Ztail"], ["flat_shape"], axis=0)]
             for k, e in enumerate(extra):  # base activations tiled R times along the batch
@@ -172,7 +172,6 @@ class DeviceEngine:
             nodes += [helper.make_node("Tile", [e + "__base", f"k__rep{k}"], [e]) for k, e in enumerate(extra)]
             target = self.engine.target_name
             nodes += list(graph.node)
-            outputs = []
             if self.per_sample:
                 loss = self.engine.loss_model
                 tr = len(shapes[target])
@@ -201,7 +200,8 @@ class DeviceEngine:
                 dtype = TensorProto.INT64 if self.manifest["targets"][0]["dtype"] == "int64" else f32
                 inputs.append(helper.make_tensor_value_info(target + "__base", dtype, None))
             model = helper.make_model(helper.make_graph(nodes, "fused", inputs, outputs, inits),
-                                      opset_imports=[helper.make_opsetid("", self.opset)], ir_version=8)
+                                      opset_imports=[helper.make_opsetid("", self.opset)],
+                                      ir_version=max(8, suffix.ir_version))
             model.opset_import.extend([o for o in suffix.opset_import if o.domain not in ("", "ai.onnx")])
             self._fused[key] = (make_session(model, self.device, self.sub.threads, arena=False), extra)
         return self._fused[key]
