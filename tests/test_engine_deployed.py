@@ -67,8 +67,12 @@ def test_constant_node_weights_and_an_if_between_trainable_layers(tmp_path):
     assert paths["w1"] == paths["b1"] == "stacked: If" and paths["w2"] == paths["b2"] == "engine", paths
     x, y = np.random.default_rng(5).standard_normal((6, 4)).astype(np.float32), np.array([0, 1, 2, 2, 1, 0])
     params = fast.initial_params()
+    from edgezo.runtime.device_engine import DeviceEngine
+    device = DeviceEngine(fast.fast_engine(), "cpu")  # opset 11 upgraded to 13, the If inside the fused graph
+    feed = fast.feeds(x, y)
     for probe in probes(fast, 5, 1e-2):
         check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 5)
+        check_step(device.losses(params, probe, feed, feed), naive.losses(params, probe, x, y), 1e-2, 5)
 
 
 def test_a_tensor_read_by_several_ops_takes_the_generic_path_exactly(tmp_path):
