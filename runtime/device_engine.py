@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import _attrs
+from .graph import _attrs, reachable
 from .layers import Unsupported
 from .sessions import make_session
 
-KERNEL_OPS = ("MatMul", "Gemm", "Conv", "Add", "Mul", "LayerNormalization")
+KERNEL_OPS = ("MatMul", "Gemm", "Conv", "Add", "Mul", "LayerNormalization", "BatchNormalization")
 
 
 def _c(name, value, dtype=np.int64):
@@ -108,6 +108,27 @@ def kernel_nodes(node, role, shape, rank, roles):
             n += [_c("ones", np.ones(shape), np.float32), _c("zeros", np.zeros(shape), np.float32),
                   helper.make_node("LayerNormalization", ["A", "ones", "zeros"], ["xhat"], axis=axis, epsilon=eps),
                   *_unsq("xhat", "xhat0", [0]), helper.make_node("Mul", ["m0", "xhat0"], ["move"])]
+    elif op == "BatchNormalization":  # channel idx of the output recomputed with the moved statistic
+        channels = shape[0]
+        tail = [1] * (rank - 2)
+        n += [_c("pshape", [-1, 1] + tail), helper.make_node("Transpose", ["Ac0"], ["Ac"], perm=[1, 0] + list(
+            range(2, rank))), helper.make_node("Gather", ["A", "idx"], ["Ac0"], axis=1),
+              helper.make_node("Gather", ["Z", "idx"], ["Zc0"], axis=1),
+              helper.make_node("Transpose", ["Zc0"], ["Zc"], perm=[1, 0] + list(range(2, rank)))]
+        for k, (r, name) in enumerate(zip(("scale", "bias", "mean", "var"), node.input[1:5])):
+            n += [helper.make_node("Gather", [name, "idx"], [f"{r}_g"])]
+            n += [helper.make_node("Add", [f"{r}_g", "delta"], [f"{r}_m"])] if r == role else \
+                [helper.make_node("Identity", [f"{r}_g"], [f"{r}_m"])]
+            n += [helper.make_node("Reshape", [f"{r}_m", "pshape"], [f"{r}_r"])]
+        n += [_c("eps", [float(attrs.get("epsilon", 1e-5))], np.float32),
+              helper.make_node("Add", ["var_r", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+              helper.make_node("Sub", ["Ac", "mean_r"], ["cen"]), helper.make_node("Div", ["cen", "sd"], ["nrm"]),
+              helper.make_node("Mul", ["nrm", "scale_r"], ["scl"]), helper.make_node("Add", ["scl", "bias_r"], ["new"]),
+              helper.make_node("Sub", ["new", "Zc"], ["diff0"]), *_unsq("diff0", "diff", [2]),
+              _c("depth", [channels]), _c("oh_v", [0.0, 1.0], np.float32),
+              helper.make_node("OneHot", ["idx", "depth", "oh_v"], ["E"]),
+              _c("E_shape", [-1, 1, channels] + tail), helper.make_node("Reshape", ["E", "E_shape"], ["E1"]),
+              helper.make_node("Mul", ["diff", "E1"], ["move"])]
     else:
         raise Unsupported(f"no kernel graph for {op}")
     return n + [helper.make_node("Add", ["Z0", "move"], ["copies"])]
@@ -167,7 +188,11 @@ class DeviceEngine:
                 nodes += [_c(f"ones{k}", [1] * (len(shapes[e]) - 1)),
                           helper.make_node("Concat", ["R", f"ones{k}"], [f"rep{k}"], axis=0)]
             nodes += kernel
-            nodes = _prefixed(nodes, {"A", "Z", "idx", "delta"})
+            reads = [n for n in node.input[1:] if n] if node.op_type == "BatchNormalization" else []
+            nodes = _prefixed(nodes, {"A", "Z", "idx", "delta", *reads})
+            made = {o for g_node in graph.node for o in g_node.output}
+            graph_nodes, seen = reachable(self.sub.model.graph, reads, [self.manifest["params_input"]])
+            nodes = [g_node for g_node in graph_nodes if not made & set(g_node.output)] + nodes  # the statistics
             nodes += [helper.make_node("Reshape", ["k__copies", "k__flat_shape"], [start])]
             nodes += [helper.make_node("Tile", [e + "__base", f"k__rep{k}"], [e]) for k, e in enumerate(extra)]
             target = self.engine.target_name
@@ -185,11 +210,16 @@ class DeviceEngine:
                 nodes += [helper.make_node("Concat", ["k__R", "k__neg1"], ["k__RN"], axis=0),
                           helper.make_node("Reshape", [self.per_sample, "k__RN"], ["k__per_copy"]), mean]
                 outputs = [helper.make_tensor_value_info("losses__R", f32, None)]
-                names = {t.name for t in graph.initializer}
-                inits = list(graph.initializer) + [t for t in loss.graph.initializer if t.name not in names]
+                extra_inits = list(loss.graph.initializer)
             else:
                 outputs = [helper.make_tensor_value_info(self.engine.output, f32, None)]
-                inits = list(graph.initializer)
+                extra_inits = []
+            inits, names = [], set()
+            for t in list(graph.initializer) + extra_inits + [t for t in self.sub.model.graph.initializer
+                                                               if t.name in seen]:
+                if t.name not in names:
+                    inits.append(t)
+                    names.add(t.name)
             params = self.manifest["params_input"]
             inputs = [helper.make_tensor_value_info(params, f32, [self.manifest["num_params"]]),
                       helper.make_tensor_value_info("A", f32, None), helper.make_tensor_value_info("Z", f32, None),
