@@ -36,6 +36,7 @@ CASES = {  # name: (built-in model, budget B, batch, input shape, classes or Non
 }
 TARGET_MS = {"mlp": 1.0, "cnn": 60.0}
 DEVICE = ["cpu"]  # --device, for the deployed models
+DEVICE_ENGINE = [False]  # --device-engine
 DEPLOYED = {  # name: (model, its size settings, selection, batch)
     "mnv3-96-head": ("mobilenetv3_small", dict(side=96), "head", 32),
     "mnv3-96-block": ("mobilenetv3_small", dict(side=96), "block", 32),
@@ -197,6 +198,16 @@ def bench_deployed(name, steps, sample):
             result["engine_note"] = art.engine_note
         rows = sample if engine == "naive" else None
         result[f"{engine}_ms"] = step_ms(art, params, probes, probes, rows, x, y, f"{name} {engine:8s}")
+    if DEVICE_ENGINE[0] and DEVICE[0] == "cpu":  # the --device cuda design (fused ONNX graphs, IOBinding) here
+        from edgezo.runtime.device_engine import DeviceEngine
+
+        class OnCpu:  # the artifact's interface over the device engine on the CPU provider
+            engine = DeviceEngine(arts["auto"].fast_engine(), "cpu")
+
+            def losses(self, params, probe, inputs, targets):
+                feed = arts["auto"].feeds(inputs, targets)
+                return self.engine.losses(params, probe, feed, feed)
+        result["device_engine_cpu_ms"] = step_ms(OnCpu(), params, [], probes, None, x, y, f"{name} device-engine(cpu)")
     result["forward_ms"] = forward_ms(path, x)
     print(f"  {name} forward  {result['forward_ms']:10.2f} ms (one plain forward at batch {batch})", flush=True)
     best = min(v for k, v in result.items() if k in ("auto_ms", "batched_ms") and v is not None)
@@ -272,12 +283,14 @@ def main():
     parser.add_argument("--sample", type=int, default=128, help="probe rows timed per step on the slow paths")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="deployed models: where the artifacts run (cuda: the device engine, onnxruntime-gpu)")
+    parser.add_argument("--device-engine", action="store_true",
+                        help="deployed models: also time the device engine (what --device cuda runs) on the CPU provider")
     parser.add_argument("--baseline", metavar="COMMIT", help="also time mlp/cnn's engine with COMMIT's code")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_only:
         return engine_only(args.models)
-    DEVICE[0] = args.device
+    DEVICE[0], DEVICE_ENGINE[0] = args.device, args.device_engine
     results = {}
     for name in args.models:
         print(f"{name}:", flush=True)
