@@ -1,0 +1,58 @@
+"""MNIST at Table 1's settings over seeds (paper-cnn, CoCD gamma 0.99, seeds 0-2), with BCCD and Fashion-MNIST
+beside: one figure and a summary (final and best test accuracy per run, mean and spread of the seeds' finals),
+from the per-run JSON files benchmarks/paper.py wrote. Writes benchmarks/results/paper_seeds_paper-cnn.{json,png}.
+
+Usage: python benchmarks/paper_seeds.py
+"""
+import json
+import statistics
+import sys
+
+from common import RESULTS, write_json
+
+RUNS = [("MNIST CoCD seed 0", "paper_mnist_cocd_paper-cnn"), ("MNIST CoCD seed 1", "paper_mnist_cocd_paper-cnn_seed1"),
+        ("MNIST CoCD seed 2", "paper_mnist_cocd_paper-cnn_seed2"), ("MNIST BCCD seed 0", "paper_mnist_bccd_paper-cnn"),
+        ("Fashion-MNIST CoCD seed 0", "paper_fashion_cocd_paper-cnn")]
+
+
+def main():
+    summary, curves = {}, {}
+    for label, name in RUNS:
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            print(f"{label}: {path.name} not there yet")
+            continue
+        run = json.loads(path.read_text())["runs"][0]
+        acc = [100 * h["val_accuracy"] for h in run["history"]]
+        curves[label] = acc
+        summary[label] = {"file": path.name, "epochs": len(acc), "final": acc[-1], "best": max(acc),
+                          "best_epoch": acc.index(max(acc)) + 1, "stopped": run.get("stopped"),
+                          "still_running": bool(run.get("running"))}
+        print(f"{label:<28} {len(acc):3d} epochs  final {acc[-1]:6.2f}%  best {max(acc):6.2f}% (epoch "
+              f"{acc.index(max(acc)) + 1})" + ("  stopped: " + run["stopped"]["reason"] if run.get("stopped") else "")
+              + ("  (still running)" if run.get("running") else ""))
+    finals = [summary[k]["final"] for k in summary if k.startswith("MNIST CoCD")]
+    if finals:
+        summary["MNIST CoCD seeds"] = {"finals": finals, "mean": statistics.mean(finals),
+                                       "spread_std": statistics.pstdev(finals), "paper": 95.48}
+        print(f"MNIST CoCD over {len(finals)} seeds: final {statistics.mean(finals):.2f}% mean, "
+              f"{statistics.pstdev(finals):.2f} std (the paper: 95.48%)")
+    write_json("paper_seeds_paper-cnn", summary)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, acc in curves.items():
+        ax.plot(range(1, len(acc) + 1), acc, label=label)
+    ax.axhline(95.48, ls="--", c="gray", lw=0.8, label="paper: MNIST CoCD 95.48%")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("paper-cnn, Table 1 settings (CoCD gamma 0.99, eps 0.1, B 256, lr 1e-2)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "paper_seeds_paper-cnn.png", dpi=110)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
