@@ -73,14 +73,21 @@ class LayerNormDirect(Direct):
         return self._cached[1]
 
 
-class ConvDirect(Direct):
-    """Conv of any group count, stride, padding and dilation: weight (o, c, p, q) moves output channel o by
-    delta x the input map of channel (group of o) x C/groups + c seen through tap (p, q); bias by delta."""
+class ChannelDirect(Direct):
+    """An op whose bias adds to one output channel (axis 1); the weight's move is the subclass's."""
 
     def move(self, out, acts, x, role, e, d):
         if role == "bias":
             out[:, e] += d
-            return
+        else:
+            self.move_weight(out, acts, role, e, d)
+
+
+class ConvDirect(ChannelDirect):
+    """Conv of any group count, stride, padding and dilation: weight (o, c, p, q) moves output channel o by
+    delta x the input map of channel (group of o) x C/groups + c seen through tap (p, q); bias by delta."""
+
+    def move_weight(self, out, acts, role, e, d):
         o_n, c_n, kh, kw = self.param_shape(role)
         o, c, p, q = np.unravel_index(e, (o_n, c_n, kh, kw))
         channel = (o // (o_n // self.group)) * c_n + c
@@ -97,16 +104,13 @@ class ConvDirect(Direct):
         return self._cached[1]
 
 
-class ConvTransposeDirect(Direct):
+class ConvTransposeDirect(ChannelDirect):
     """ConvTranspose: weight (c, o, p, q) (layout [C_in, C_out / groups, kh, kw]) moves output channel
     (group of c) x C_out/groups + o by delta x input channel c scattered through tap (p, q); bias by delta. The
     scatter is onnxruntime's ConvTranspose of that one channel with a one-hot kernel (same strides, pads,
     dilations, output shape)."""
 
-    def move(self, out, acts, x, role, e, d):
-        if role == "bias":
-            out[:, e] += d
-            return
+    def move_weight(self, out, acts, role, e, d):
         c_n, o_g, kh, kw = self.param_shape(role)
         c, o, p, q = np.unravel_index(e, (c_n, o_g, kh, kw))
         kernel = np.zeros((1, 1, kh, kw), np.float32)
