@@ -133,14 +133,20 @@ def select_tensors(model, patterns):
 
     def hit(name, pattern):
         return any(fnmatch.fnmatchcase(a, pattern) for a in names_of[name])
+    chosen = set()
     for pattern in patterns:
         hits = [n for n in by_name if hit(n, pattern)]
         check(hits, f"--trainable {pattern!r} matches no tensor of the model (see --list)")
+        if any(c in pattern for c in "*?["):  # a glob takes the float tensors it matches (not shape constants)
+            floats = [n for n in hits if by_name[n].data_type == TensorProto.FLOAT]
+            check(floats, f"--trainable {pattern!r} matches only non-float tensors ({hits[0]!r}, ...)")
+            hits = floats
         for name in hits:
             check(by_name[name].data_type == TensorProto.FLOAT,
                   f"--trainable {pattern!r}: tensor {name!r} is "
                   f"{TensorProto.DataType.Name(by_name[name].data_type)}, only float32 tensors can be trained")
-    return [n for n in by_name if any(hit(n, p) for p in patterns)]
+        chosen.update(hits)
+    return [n for n in by_name if n in chosen]
 
 
 def choose(model, trainable=None, last_layers=None, norms=False, biases=False):

@@ -8,6 +8,7 @@
   first for the loss graph (`batch_first`), so data files are always batch-first.
 Nothing here changes the caller's model: each function returns a new one.
 """
+import ast
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,10 @@ def constant_weights(model):
 
 
 def aliases(model):
-    """{Identity output: the initializer it passes on} (chains followed)."""
+    """{other name: the initializer it stands for}: Identity outputs (chains followed), and the torch module
+    names of weights the torch.export-based exporter stored under generated names (see torch_names)."""
     inits = {t.name for t in model.graph.initializer}
-    out, changed = {}, True
+    out, changed = dict(torch_names(model)), True
     while changed:
         changed = False
         for node in model.graph.node:
@@ -75,6 +77,32 @@ def aliases(model):
                 if src is not None:
                     out[node.output[0]] = src
                     changed = True
+    return out
+
+
+def torch_names(model):
+    """{"<module path>.weight" / ".bias": initializer} for weights that torch's torch.export-based exporter
+    folded into generated names (a Linear's transposed weight becomes "val_12"): read from the node metadata
+    it writes (pkg.torch.onnx.name_scopes: the module path), for the weight and bias inputs of Gemm, MatMul,
+    Conv and ConvTranspose."""
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Gemm", "MatMul", "Conv", "ConvTranspose"):
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = meta.get("pkg.torch.onnx.name_scopes")
+        try:
+            scopes = [s for s in ast.literal_eval(scopes) if s] if scopes else []
+        except (ValueError, SyntaxError):
+            continue
+        if len(scopes) < 2:  # [module path..., op]: an op outside any module has no name to give
+            continue
+        module = scopes[-2]
+        for role, name in zip(("weight", "bias"), node.input[1:3]):
+            alias = f"{module}.{role}"
+            if name in inits and alias not in inits and name != alias:
+                out.setdefault(alias, name)
     return out
 
 

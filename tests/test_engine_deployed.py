@@ -149,3 +149,33 @@ def test_conv_transpose_and_dilated_grouped_convs(tmp_path):
     params = fast.initial_params()
     for probe in probes(fast, 8, 1e-2, every=3):
         check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 8)
+
+
+def test_torch_export_based_exporter_files(tmp_path):
+    """torch's default exporter (torch.export, opset 20) folds a Linear's transposed weight into a generated name
+    ("val_43"); its node metadata keeps the module path, so "blocks.1.*" still selects it. '*' skips the int64
+    shape constants. The engines match naive on it."""
+    import torch
+    from edgezo.exporters.onnx_prepare import torch_names
+    from edgezo.runtime.device_engine import DeviceEngine
+    model, shape = deployed.build("transformer", **SMALL["transformer"])
+    path = tmp_path / "dynamo.onnx"
+    torch.onnx.export(model, (torch.zeros(2, *shape),), str(path), dynamo=True, input_names=["x"],
+                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    import onnx
+    names = torch_names(onnx.load(path))
+    assert "blocks.1.qkv.weight" in names and names["blocks.1.qkv.weight"] != "blocks.1.qkv.weight"
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=deployed.SELECTIONS["transformer"]["block"],
+                      log=lambda line: None)
+    fast, naive = load_artifact(art, device="cpu"), load_artifact(art, device="cpu", engine="naive")
+    trained = {e["name"] for e in fast.manifest["trainable"]}
+    assert names["blocks.1.qkv.weight"] in trained and names["blocks.1.ff2.weight"] in trained
+    assert not any(p.startswith("generic") for p in fast.tensor_paths().values())
+    device = DeviceEngine(fast.fast_engine(), "cpu")
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((3, *shape)).astype(np.float32), np.array([3, 1, 4])
+    feed, params = fast.feeds(x, y), fast.initial_params()
+    for probe in probes(fast, 16, 1e-2, every=250):
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 16)
+        check_step(device.losses(params, probe, feed, feed), naive.losses(params, probe, x, y), 1e-2, 16)
+    export_onnx(path, tmp_path / "all", "cross_entropy", trainable=["*"], log=lambda line: None)  # int64 skipped
