@@ -9,6 +9,7 @@
 Nothing here changes the caller's model: each function returns a new one.
 """
 import ast
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +100,14 @@ def torch_names(model):
         if len(scopes) < 2:  # [module path..., op]: an op outside any module has no name to give
             continue
         module = scopes[-2]
-        for role, name in zip(("weight", "bias"), node.input[1:3]):
+        args = re.search(r"args = \((.*)", meta.get("pkg.torch.onnx.fx_node", ""))
+        args = [a.strip().rstrip(")") for a in args.group(1).split(",")] if args else []
+        for k, (role, name) in enumerate(zip(("weight", "bias"), node.input[1:3]), start=1):
             alias = f"{module}.{role}"
-            if name in inits and alias not in inits and name != alias:
+            # only where the traced call read that very parameter (a Conv with a BatchNorm folded in carries
+            # the BatchNorm's scope, not its own)
+            param = "%p_" + alias.replace(".", "_")
+            if name in inits and alias not in inits and "." not in name and k < len(args) and args[k] == param:
                 out.setdefault(alias, name)
     return out
 
