@@ -11,12 +11,12 @@ import math
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from common import SHARED, builtin_artifact, write_json
 from edgezo.runtime import load_artifact
 from edgezo.runtime.optim import CoCD
+from edgezo.runtime.sessions import make_session
 from edgezo.runtime.train import evaluate, fit
 from edgezo.runtime.writeback import write_back
 from paper import WD, mnist_data
@@ -28,7 +28,7 @@ def relu_session(artifact, params, path):
     model = onnx.load(str(path))
     relus = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
     model.graph.output.extend(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, None) for r in relus)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), relus
+    return make_session(model, "cpu"), relus
 
 
 def main():

@@ -75,9 +75,8 @@ def run_edgezo(cfg, manifest, data, mark):
     artifact = load_artifact(cfg["artifact"], device=cfg["device"], threads=cfg.get("threads"),
                              engine_memory_mb=cfg["engine_memory_mb"], lean_memory=cfg.get("lean_memory", False))
     if cfg["method"] == "inference":
-        import onnxruntime as ort
-        from edgezo.devices import providers_for
-        session = ort.InferenceSession(str(artifact.file("inference")), providers=providers_for(cfg["device"]))
+        from edgezo.runtime.sessions import make_session
+        session = make_session(artifact.file("inference"), cfg["device"], cfg.get("threads"))
         feed = {n: data[n] for n in artifact.input_names}
         mark()
         for _ in range(cfg["steps"]):
