@@ -112,25 +112,14 @@ def torch_reference_ms(artifact_dir, probes, x, y, classes, rows):
 
 def bench(name, steps, sample):
     from edgezo.runtime import EdgezoError, load_artifact
-    from edgezo.runtime.optim import CoCD
     model, budget, batch, shape, classes, engine_rows = CASES[name]
     path = builtin_artifact(model)
-    rng = np.random.default_rng(0)
-    x = rng.random((batch, *shape), dtype=np.float32)
-    y = rng.integers(0, classes, batch) if classes else rng.standard_normal((batch, 7)).astype(np.float32)
+    x, y = paper_batch(name)
     arts = {e: load_artifact(path, device="cpu", threads=2, engine=e) for e in ("auto", "batched", "naive")}
     params = arts["naive"].initial_params()
-    opt = CoCD(params, lr=0.0, eps=1e-2, budget=budget)
     cycle = -(-params.size // budget)
-    def probes_at(step_list):
-        out = []
-        for step in step_list:
-            opt.refreshed = int(step) * budget
-            out.append(opt.ask())
-            opt.discard()
-        return out
-    probes = probes_at(np.linspace(0, cycle - 1, min(steps, cycle)).astype(int))
-    full_cycle = probes_at(range(cycle))
+    probes = probes_at(params, budget, np.linspace(0, cycle - 1, min(steps, cycle)).astype(int))
+    full_cycle = probes_at(params, budget, range(cycle))
     result = {"model": model, "num_params": int(params.size), "budget": budget, "batch": batch,
               "steps_timed": len(probes), "cycle_steps": cycle}
     for engine, art in arts.items():
@@ -170,7 +159,6 @@ def forward_ms(path, x, repeat=10):
 def bench_deployed(name, steps, sample):
     from common import deployed_artifact
     from edgezo.runtime import load_artifact
-    from edgezo.runtime.optim import CoCD
     model, size, selection, batch = DEPLOYED[name]
     path = deployed_artifact(model, selection, **size)
     arts = {e: load_artifact(path, device=DEVICE[0], threads=2, engine=e) for e in ("auto", "batched", "naive")}
@@ -179,13 +167,8 @@ def bench_deployed(name, steps, sample):
     x, y = rng.standard_normal((batch, *shape)).astype(np.float32), rng.integers(0, 10, batch)
     params = arts["naive"].initial_params()
     budget = 16
-    opt = CoCD(params, lr=0.0, eps=1e-2, budget=budget)
     cycle = -(-params.size // budget)
-    probes = []
-    for step in np.linspace(0, cycle - 1, min(steps, cycle)).astype(int):
-        opt.refreshed = int(step) * budget
-        probes.append(opt.ask())
-        opt.discard()
+    probes = probes_at(params, budget, np.linspace(0, cycle - 1, min(steps, cycle)).astype(int))
     result = {"model": model, "size": size, "selection": selection, "num_params": int(params.size), "budget": budget,
               "batch": batch, "steps_timed": len(probes), "cycle_steps": cycle}
     for engine, art in arts.items():
@@ -244,28 +227,37 @@ def baseline_engine_ms(commit, models):
 def engine_only(models):
     """auto ms per step over a full cycle for each paper model (for --baseline): one JSON line."""
     import json
-    from edgezo.runtime import load_artifact
-    out = {}
-    for name in models:
-        model, budget, batch, shape, classes, _ = CASES[name]
-        path = builtin_artifact(model)
-        rng = np.random.default_rng(0)
-        x = rng.random((batch, *shape), dtype=np.float32)
-        y = rng.integers(0, classes, batch) if classes else rng.standard_normal((batch, 7)).astype(np.float32)
-        out[name] = cycle_ms(load_artifact(path, device="cpu", threads=2, engine="auto"), x, y, budget)
-    print(json.dumps(out))
+    print(json.dumps({name: cycle_ms(name) for name in models}))
 
 
-def cycle_ms(art, x, y, budget):
+def paper_batch(name):
+    """The timed batch of a paper model: uniform [0, 1) inputs, random labels or standard-normal targets."""
+    _, _, batch, shape, classes, _ = CASES[name]
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, *shape), dtype=np.float32)
+    y = rng.integers(0, classes, batch) if classes else rng.standard_normal((batch, 7)).astype(np.float32)
+    return x, y
+
+
+def probes_at(params, budget, step_list):
+    """CoCD's probes at the given steps of the coordinate cycle (lr 0, eps 1e-2)."""
     from edgezo.runtime.optim import CoCD
-    params = art.initial_params()
-    opt = CoCD(params, lr=0.0, eps=1e-2, budget=budget)
-    cycle = -(-params.size // budget)
-    probes = []
-    for step in range(cycle):
-        opt.refreshed = step * budget
-        probes.append(opt.ask())
+    opt, out = CoCD(params, lr=0.0, eps=1e-2, budget=budget), []
+    for step in step_list:
+        opt.refreshed = int(step) * budget
+        out.append(opt.ask())
         opt.discard()
+    return out
+
+
+def cycle_ms(name):
+    """The engine's (auto) ms per step of a paper model over one full coordinate cycle."""
+    from edgezo.runtime import load_artifact
+    model, budget = CASES[name][:2]
+    art = load_artifact(builtin_artifact(model), device="cpu", threads=2, engine="auto")
+    x, y = paper_batch(name)
+    params = art.initial_params()
+    probes = probes_at(params, budget, range(-(-params.size // budget)))
     art.losses(params, sample_rows(probes[0], 8), x, y)
     return 1000 * timed(lambda: [art.losses(params, p, x, y) for p in probes]) / len(probes)
 
@@ -300,13 +292,8 @@ def main():
     if args.baseline and paper:
         print(f"baseline: the engine of {args.baseline}, full cycle ...", flush=True)
         old = baseline_engine_ms(args.baseline, paper)
-        from edgezo.runtime import load_artifact
         for name in paper:
-            model, budget, batch, shape, classes, _ = CASES[name]
-            rng = np.random.default_rng(0)
-            x = rng.random((batch, *shape), dtype=np.float32)
-            y = rng.integers(0, classes, batch) if classes else rng.standard_normal((batch, 7)).astype(np.float32)
-            new = cycle_ms(load_artifact(builtin_artifact(model), device="cpu", threads=2, engine="auto"), x, y, budget)
+            new = cycle_ms(name)
             results[name].update(baseline_commit=args.baseline, baseline_auto_ms=old[name], cycle_auto_ms=new,
                                  vs_baseline=new / old[name])
             print(f"  {name}: {args.baseline} {old[name]:.2f} ms/step, this tree {new:.2f} ms/step "

@@ -24,6 +24,13 @@ class Direct(Opaque):
     def param_shape(self, role):
         return tuple(self.params[role]["shape"])
 
+    def of_input(self, acts, make):
+        """make(input activation), computed once per step's activation (the rows of a chunk share it)."""
+        a = acts[self.inputs[0]]
+        if getattr(self, "_cached", (None,))[0] is not a:
+            self._cached = (a, make(a))
+        return self._cached[1]
+
 
 class MatMulDirect(Direct):
     """MatMul by a weight [in, out] (or Gemm's weight and bias) on input [..., in]: weight (i, o) moves output
@@ -63,14 +70,12 @@ class LayerNormDirect(Direct):
             flat[:, e] += d * self.normalized(acts)[:, e]
 
     def normalized(self, acts):
-        a = acts[self.inputs[0]]
-        if getattr(self, "_cached", (None,))[0] is not a:
-            lead = a.shape[:self.axis % a.ndim]
-            flat = a.reshape(int(np.prod(lead)), -1).astype(np.float64)
+        def normalize(a):
+            flat = a.reshape(int(np.prod(a.shape[:self.axis % a.ndim])), -1).astype(np.float64)
             mean = flat.mean(axis=1, keepdims=True)
             var = ((flat - mean) ** 2).mean(axis=1, keepdims=True)
-            self._cached = (a, ((flat - mean) / np.sqrt(var + self.eps)).astype(np.float32))
-        return self._cached[1]
+            return ((flat - mean) / np.sqrt(var + self.eps)).astype(np.float32)
+        return self.of_input(acts, normalize)
 
 
 class ChannelDirect(Direct):
@@ -97,11 +102,8 @@ class ConvDirect(ChannelDirect):
         out[:, o] += d * a[:, p * dh:p * dh + sh * (oh - 1) + 1:sh, q * dw:q * dw + sw * (ow - 1) + 1:sw]
 
     def padded(self, acts):
-        a = acts[self.inputs[0]]
-        if getattr(self, "_cached", (None,))[0] is not a:
-            t, l, b, r = self.pads
-            self._cached = (a, np.pad(a, ((0, 0), (0, 0), (t, b), (l, r))) if any(self.pads) else a)
-        return self._cached[1]
+        t, l, b, r = self.pads
+        return self.of_input(acts, lambda a: np.pad(a, ((0, 0), (0, 0), (t, b), (l, r))) if any(self.pads) else a)
 
 
 class ConvTransposeDirect(ChannelDirect):
