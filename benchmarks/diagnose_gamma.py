@@ -19,7 +19,8 @@ from edgezo.runtime.optim import CoCD
 from edgezo.runtime.sessions import make_session
 from edgezo.runtime.train import evaluate, fit
 from edgezo.runtime.writeback import write_back
-from paper import WD, mnist_data
+from paper import WD
+from paper_data import mnist_data
 
 
 def relu_session(artifact, params, path):

@@ -46,6 +46,7 @@ from edgezo.runtime import load_artifact
 from edgezo.runtime.errors import EdgezoError
 from edgezo.runtime.optim import BCCD, SPSA, ZOSGD, CoCD, MeZOSGD
 from edgezo.runtime.train import evaluate, fit
+from paper_data import mnist_data, padded_fashion, sarcos_data
 
 WD = 1e-4
 PAPER_SARCOS_TRAIN_ROWS = 44_484
@@ -71,26 +72,6 @@ def sarcos_epochs(args, train, batch=64):
     epochs = -(-paper_steps // per_epoch)
     print(f"  --match-paper-steps: {epochs} epochs of {per_epoch} steps ~ {paper_steps} paper steps", flush=True)
     return epochs
-
-
-def sarcos_data(path, seed=0):
-    x, y = data_mod.load_sarcos(path)
-    train, val = data_mod.split({"x": x, "y": y}, 0.2, seed)
-    for key in ("x", "y"):
-        mean, std = train[key].mean(0), train[key].std(0) + 1e-8
-        train[key], val[key] = (train[key] - mean) / std, (val[key] - mean) / std
-    return train, val
-
-
-def mnist_data(folder, standardize=False):
-    """Pixels in [0, 1]; with standardize, minus the training set's mean pixel over its std (torchvision's
-    Normalize((0.1307,), (0.3081,)) for MNIST)."""
-    x, y = data_mod.load_idx_pair(folder / "train-images-idx3-ubyte.gz")
-    xt, yt = data_mod.load_idx_pair(folder / "t10k-images-idx3-ubyte.gz")
-    if standardize:
-        mean, std = float(x.mean()), float(x.std())
-        x, xt = (x - mean) / std, (xt - mean) / std
-    return {"x": x, "y": y}, {"x": xt, "y": yt}
 
 
 class Diverged(Exception):
@@ -212,7 +193,8 @@ def ablation_runs(args, art, base, train, val, batch, epochs, skip_base=False):
             settings[key] = value
         if skip_base and settings == base:
             continue
-        runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, batch, epochs))
+        runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, batch, epochs,
+                        stop_at_chance=args.stop_at_chance))
     return runs
 
 
@@ -228,7 +210,8 @@ def task_mnist_ablations(args):
     train, test = mnist_data(SHARED / "datasets" / "mnist", args.standardize)
     base = dict(lr=1e-2, eps=1.0, budget=256, gamma=1.0, weight_decay=WD)
     art = cpu_artifact(args, args.model)
-    runs = [run("defaults (gamma 1, eps 1, B 256)", art, lambda p: CoCD(p, **base), train, test, 128, args.epochs)]
+    runs = [] if args.skip_defaults else [run("defaults (gamma 1, eps 1, B 256)", art, lambda p: CoCD(p, **base),
+                                              train, test, 128, args.epochs, stop_at_chance=args.stop_at_chance)]
     return runs + ablation_runs(args, art, base, train, test, 128, args.epochs, skip_base=True)
 
 
@@ -242,17 +225,6 @@ def task_baselines(args):
                ("ZO-SGD q=63 (64 evals)", lambda p: ZOSGD(p, lr=1e-4, mu=1e-2, directions=63)),
                ("MeZO-SGD q=32 (64 evals)", lambda p: MeZOSGD(p, lr=1e-4, mu=1e-2, directions=32))]
     return [run(label, art, make, train, val, 64, epochs, watch=True) for label, make in methods]
-
-
-def padded_fashion(limit=None):
-    """Fashion-MNIST as 3x32x32 (zero-padded 2 px, grey copied to 3 channels) for ResNet-20."""
-    train, test = mnist_data(SHARED / "datasets" / "fashion-mnist")
-    out = []
-    for d in (train, test):
-        x = np.pad(d["x"], ((0, 0), (0, 0), (2, 2), (2, 2)))
-        out.append({"x": np.ascontiguousarray(np.repeat(x, 3, axis=1)), "y": d["y"]})
-    out[1] = data_mod.take(out[1], slice(0, limit))
-    return out
 
 
 RESNET_RUN = RESULTS / "paper-resnet20"  # committed, so a fresh clone continues the run
@@ -388,8 +360,10 @@ def main():
     parser.add_argument("--resume", action="store_true",
                         help="resnet20: continue from benchmarks/results/paper-resnet20/checkpoint.npz")
     parser.add_argument("--stop-at-chance", type=int, default=0, metavar="N",
-                        help="mnist, fashion: end a CoCD/BCCD run whose test accuracy stayed at chance (<= 12%%) "
+                        help="mnist, fashion, mnist-ablations: end a CoCD/BCCD run whose test accuracy stayed at chance (<= 12%%) "
                         "for N epochs in a row (recorded as stopped; 0: never)")
+    parser.add_argument("--skip-defaults", action="store_true",
+                        help="mnist-ablations: leave out the run at the defaults (when another process runs it)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime and engine threads per run")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results (default "
                         "paper_<task>, plus _paper_steps, _<optimizers>, _gamma<g>, _<ablate>, _std where they are given)")

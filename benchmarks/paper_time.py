@@ -17,7 +17,8 @@ from common import SHARED, builtin_artifact, write_json
 from edgezo.runtime import data as data_mod
 from edgezo.runtime import load_artifact
 from edgezo.runtime.optim import CoCD
-from paper import WD, mnist_data, padded_fashion, sarcos_data
+from paper import WD
+from paper_data import mnist_data, padded_fashion, sarcos_data
 
 PAPER = {"sarcos": 6.12, "mnist": 44.56}  # Table 2, seconds per epoch on the authors' GPU
 
