@@ -37,7 +37,6 @@ import math
 import sys
 import time
 
-import numpy as np
 
 from common import RESULTS, SHARED, builtin_artifact, write_json
 from edgezo.runtime import checkpoint
