@@ -37,7 +37,6 @@ import math
 import sys
 import time
 
-
 from common import RESULTS, SHARED, builtin_artifact, write_json
 from edgezo.runtime import checkpoint
 from edgezo.runtime import data as data_mod
