@@ -348,9 +348,10 @@ def main():
                         help="sarcos, mnist, fashion: CoCD's gamma instead of the paper's (1.0 SARCOS, 0.99 CNN)")
     parser.add_argument("--standardize", action="store_true",
                         help="mnist, fashion: standardize pixels by the training set's mean and std (default [0, 1])")
-    parser.add_argument("--model", choices=("paper-cnn", "mnist-cnn"), default="paper-cnn",
+    parser.add_argument("--model", choices=("paper-cnn", "mnist-cnn", "paper-cnn-leaky"), default="paper-cnn",
                         help="mnist, fashion, mnist-gamma, mnist-ablations: the CNN (paper-cnn: 19,654 weights, fits "
-                        "both of the paper's budget percentages; mnist-cnn: the earlier 21,578-weight CNN)")
+                        "both of the paper's budget percentages; mnist-cnn: the earlier 21,578-weight CNN; "
+                        "paper-cnn-leaky: paper-cnn with LeakyReLU(0.01), whose channels cannot die)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="sarcos, mnist, fashion: weight-init and data-order seeds, one run each")
     parser.add_argument("--minutes", type=float, default=120, help="resnet20: wall-clock minutes to train")

@@ -170,7 +170,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a built-in torch model to an artifact folder (needs torch)")
-    p.add_argument("--model", required=True, help="sarcos-mlp, mnist-cnn, paper-cnn or resnet20")
+    p.add_argument("--model", required=True, help="sarcos-mlp, mnist-cnn, paper-cnn, paper-cnn-leaky or resnet20")
     p.add_argument("--out", required=True, help="artifact folder to create")
     p.add_argument("--seed", type=int, default=0, help="weight initialization seed")
     p.add_argument("--pte", action="store_true", help="also write model.pte (ExecuTorch)")

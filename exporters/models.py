@@ -22,7 +22,7 @@ def mnist_cnn():
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(1568, 10))
 
 
-def paper_cnn(in_channels=1, side=28):
+def paper_cnn(in_channels=1, side=28, activation=nn.ReLU):
     """The paper's 3-conv + 1-FC CNN, pinned by its two budget percentages (the authors publish no code):
     conv(c->12)-ReLU-pool-conv(12->20)-ReLU-pool-conv(20->64)-ReLU-pool-flatten-linear(64*s*s->10), 3x3 pad 1,
     max-pool 2 after every conv (28 -> 14 -> 7 -> 3; 32 -> 16 -> 8 -> 4).
@@ -31,9 +31,15 @@ def paper_cnn(in_channels=1, side=28):
     4.21% ("about 4.2%"). mnist-cnn (21,578 weights) gives 1.19% and 3.86%."""
     s = side // 2 // 2 // 2
     return nn.Sequential(
-        nn.Conv2d(in_channels, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(12, 20, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(20, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * s * s, 10))
+        nn.Conv2d(in_channels, 12, 3, padding=1), activation(), nn.MaxPool2d(2),
+        nn.Conv2d(12, 20, 3, padding=1), activation(), nn.MaxPool2d(2),
+        nn.Conv2d(20, 64, 3, padding=1), activation(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * s * s, 10))
+
+
+def paper_cnn_leaky():
+    """paper-cnn with LeakyReLU(0.01): a channel cannot die (its finite differences never all vanish), which
+    tests whether dead ReLU channels are what makes CoCD at gamma 0.99 collapse. Same 19,654 weights."""
+    return paper_cnn(activation=lambda: nn.LeakyReLU(0.01))
 
 
 class BasicBlock(nn.Module):
@@ -76,6 +82,7 @@ BUILTIN = {
     "sarcos-mlp": (sarcos_mlp, (21,), "mse", (7,)),
     "mnist-cnn": (mnist_cnn, (1, 28, 28), "cross_entropy", ()),
     "paper-cnn": (paper_cnn, (1, 28, 28), "cross_entropy", ()),
+    "paper-cnn-leaky": (paper_cnn_leaky, (1, 28, 28), "cross_entropy", ()),
     "resnet20": (ResNet20, (3, 32, 32), "cross_entropy", ()),
 }
 

@@ -1,16 +1,16 @@
 """The evaluation engine: all losses of a coordinate probe for a fraction of 2B forward passes.
 
-loss.onnx is read once (reader.py) into a graph of numpy layers (Gemm, MatMul, bias Add, Conv, Relu, MaxPool,
-BatchNormalization in inference form, Flatten/Reshape, spatial ReduceMean/GlobalAveragePool, and
-the Add of two activations that joins a residual branch). Tensors computed from shapes only (the
-zero conv biases and batch-size Reshapes of the torch exporter) are folded at build time. Per step:
+loss.onnx is read once (reader.py) into a graph of numpy layers (Gemm, MatMul, bias Add, Conv, Relu, LeakyRelu,
+MaxPool, BatchNormalization in inference form, Flatten/Reshape, spatial ReduceMean/GlobalAveragePool, and the Add
+of two activations that joins a residual branch). Tensors computed from shapes only (the zero conv biases and
+batch-size Reshapes of the torch exporter) are folded at build time. Per step:
 
 1. prefix reuse: one base forward caches every layer's output (one onnxruntime call for graphs with
    convolutions, numpy for Gemm-only graphs, where that is faster);
 2. a perturbed weight or bias changes one output unit or channel of its layer (a "block"): it is
    computed directly (eps times one input column, or one shifted input map);
-3. delta propagation: while the changed tensor has one consumer, per-channel ops (Relu, MaxPool,
-   BatchNorm, bias, Flatten, spatial mean, a residual Add with the other input at its base value)
+3. delta propagation: while the changed tensor has one consumer, per-channel ops (Relu, LeakyRelu,
+   MaxPool, BatchNorm, bias, Flatten, spatial mean, a residual Add with the other input at its base value)
    keep the change in that block; the next Gemm/Conv is linear, so its output is the cached base
    output plus a one-column (one-input-channel) product of the change;
 4. only the layers that depend on the changed tensor run densely on the copies (a skip branch that

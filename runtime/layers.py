@@ -169,6 +169,16 @@ class Relu(Layer):
         return np.maximum(v, 0)
 
 
+class LeakyRelu(Layer):
+    alpha = np.float32(0.01)
+
+    def forward(self, a, x):
+        return np.where(a < 0, self.alpha * a, a)
+
+    def on_block(self, v, channels, size, x):
+        return np.where(v < 0, self.alpha * v, v)
+
+
 class MaxPool(Layer):
     def forward(self, a, x):
         return maxpool(a, self.kernel, self.stride)

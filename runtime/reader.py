@@ -6,7 +6,7 @@ from onnx import numpy_helper
 
 from .direct import make_direct
 from .graph import _ROLES, Subgraphs, _ancestors, _attrs, _kinds, _tainted, subgraph_inputs
-from .layers import (BatchNorm, Bias, Conv, Flatten, Gemm, MaxPool, Opaque, Relu, SpatialMean, Sum,
+from .layers import (BatchNorm, Bias, Conv, Flatten, Gemm, LeakyRelu, MaxPool, Opaque, Relu, SpatialMean, Sum,
                      Unsupported, scores_name)
 
 
@@ -160,6 +160,9 @@ def _layer(node, const, entries, used, kinds):
         layer.kernel = tuple(attrs.get("kernel_shape", weight[2:]))
     elif op == "Relu":
         layer = Relu(node, consts, params, data)
+    elif op == "LeakyRelu":
+        layer = LeakyRelu(node, consts, params, data)
+        layer.alpha = np.float32(attrs.get("alpha", 0.01))
     elif op == "MaxPool":
         if any(attrs.get("pads", [0] * 4)) or attrs.get("ceil_mode", 0) or \
                 any(d != 1 for d in attrs.get("dilations", [1, 1])):

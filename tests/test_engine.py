@@ -60,6 +60,19 @@ def test_cnn_full_cycle(cnn_artifact, engine):
         check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 256)
 
 
+def test_leaky_relu_propagates_deltas(tmp_path):
+    """paper-cnn-leaky: LeakyRelu has numpy code, so every tensor takes the engine, exactly."""
+    from conftest import run_cli
+    run_cli("export", "--model", "paper-cnn-leaky", "--out", str(tmp_path / "art"), check=True)
+    fast = load_artifact(tmp_path / "art", device="cpu")
+    naive = load_artifact(tmp_path / "art", device="cpu", engine="naive")
+    assert set(fast.tensor_paths().values()) == {"engine"}, fast.tensor_paths()
+    x, y = data("cnn", 4, np.random.default_rng(5))
+    params = fast.initial_params()
+    for probe in probes(fast, 256, 1e-2, every=9):
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 256)
+
+
 def test_one_sided_and_small_budget(mlp_artifact, cnn_artifact):
     for path, kind, budget in ((mlp_artifact, "mlp", 13), (cnn_artifact, "cnn", 97)):
         fast = load_artifact(path, device="cpu")
