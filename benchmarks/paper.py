@@ -175,13 +175,11 @@ def task_mnist_gamma(args):
             for gamma in args.gammas]
 
 
-def ablation_runs(args, art, base, train, val, batch, epochs, skip_base=False):
-    """CoCD with one setting of `base` changed at a time, for each --ablate value (skip_base: not the values
-    equal to base)."""
-    n = art.num_params
-    variants = [(key, v) for key in args.ablate for v in ABLATIONS[key]]
-    runs = []
-    for key, value in variants:
+def ablation_settings(ablate, base, n, skip_base=False):
+    """(label, CoCD settings) with one setting of `base` changed at a time, for each value of the keys in
+    `ablate` (skip_base: not the values that equal base; M = 1 is memory n, the default)."""
+    out = []
+    for key, value in [(key, v) for key in ablate for v in ABLATIONS[key]]:
         settings = dict(base)
         if key.startswith("M"):
             settings["memory"] = max(1, int(round(value * n)))
@@ -189,11 +187,15 @@ def ablation_runs(args, art, base, train, val, batch, epochs, skip_base=False):
                 settings["lr"] = base["lr"] / value
         else:
             settings[key] = value
-        if skip_base and settings == base:
-            continue
-        runs.append(run(f"{key}={value}", art, lambda p, s=settings: CoCD(p, **s), train, val, batch, epochs,
-                        stop_at_chance=args.stop_at_chance))
-    return runs
+        if not (skip_base and (settings == base or (key == "M" and value == 1.0))):
+            out.append((f"{key}={value}", settings))
+    return out
+
+
+def ablation_runs(args, art, base, train, val, batch, epochs, skip_base=False):
+    return [run(label, art, lambda p, s=settings: CoCD(p, **s), train, val, batch, epochs,
+                stop_at_chance=args.stop_at_chance)
+            for label, settings in ablation_settings(args.ablate, base, art.num_params, skip_base)]
 
 
 def task_ablations(args):

@@ -32,6 +32,16 @@ def test_result_names_say_what_differs_from_the_default_run():
     assert paper.result_name(names(model="paper-cnn"), "mnist-ablations", False) == "paper_mnist-ablations_paper-cnn"
 
 
+def test_mnist_ablations_leave_out_the_values_of_their_defaults():
+    base = dict(lr=1e-2, eps=1.0, budget=256, gamma=1.0, weight_decay=1e-4)
+    runs = dict(paper.ablation_settings(paper.ABLATE_DEFAULT, base, 19_654, skip_base=True))
+    assert list(runs) == ["eps=0.1", "eps=3.0", "gamma=0.0", "gamma=0.9", "gamma=0.99", "budget=16", "budget=64",
+                          "M=0.5", "M=0.25"]
+    assert runs["M=0.25"] == dict(base, memory=4914) and runs["gamma=0.9"] == dict(base, gamma=0.9)
+    sarcos = paper.ablation_settings(["M"], base, 12_039)  # SARCOS keeps M = 1 as its reference run
+    assert [label for label, _ in sarcos] == ["M=1.0", "M=0.5", "M=0.25"]
+
+
 def test_paper_cnn_fits_both_budget_percentages():
     from edgezo.exporters.models import paper_cnn
     mnist = sum(p.numel() for p in paper_cnn().parameters())
