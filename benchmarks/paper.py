@@ -193,9 +193,14 @@ def ablation_settings(ablate, base, n, skip_base=False):
 
 
 def ablation_runs(args, art, base, train, val, batch, epochs, skip_base=False):
+    variants = ablation_settings(args.ablate, base, art.num_params, skip_base)
+    if args.only:
+        unknown = sorted(set(args.only) - {label for label, _ in variants})
+        if unknown:
+            raise EdgezoError(f"--only {unknown} not among this task's runs {[label for label, _ in variants]}")
+        variants = [(label, s) for label, s in variants if label in args.only]
     return [run(label, art, lambda p, s=settings: CoCD(p, **s), train, val, batch, epochs,
-                stop_at_chance=args.stop_at_chance)
-            for label, settings in ablation_settings(args.ablate, base, art.num_params, skip_base)]
+                stop_at_chance=args.stop_at_chance) for label, settings in variants]
 
 
 def task_ablations(args):
@@ -365,6 +370,8 @@ def main():
                         "for N epochs in a row (recorded as stopped; 0: never)")
     parser.add_argument("--skip-defaults", action="store_true",
                         help="mnist-ablations: leave out the run at the defaults (when another process runs it)")
+    parser.add_argument("--only", nargs="+", metavar="KEY=VALUE",
+                        help="ablations, mnist-ablations: only these of the --ablate runs (e.g. gamma=0.99 M=0.25)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime and engine threads per run")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results (default "
                         "paper_<task>, plus _paper_steps, _<optimizers>, _gamma<g>, _<ablate>, _std where they are given)")
@@ -395,4 +402,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except EdgezoError as err:
+        sys.exit(f"error: {err}")
