@@ -177,7 +177,9 @@ def task_mnist_gamma(args):
 
 def ablation_settings(ablate, base, n, skip_base=False):
     """(label, CoCD settings) with one setting of `base` changed at a time, for each value of the keys in
-    `ablate` (skip_base: not the values that equal base; M = 1 is memory n, the default)."""
+    `ablate` (skip_base: not the values that equal base, with memory n where it is not given, CoCD's default)."""
+    def full(settings):
+        return {"memory": n, **settings}
     out = []
     for key, value in [(key, v) for key in ablate for v in ABLATIONS[key]]:
         settings = dict(base)
@@ -187,7 +189,7 @@ def ablation_settings(ablate, base, n, skip_base=False):
                 settings["lr"] = base["lr"] / value
         else:
             settings[key] = value
-        if not (skip_base and (settings == base or (key == "M" and value == 1.0))):
+        if not (skip_base and full(settings) == full(base)):
             out.append((f"{key}={value}", settings))
     return out
 
@@ -366,8 +368,8 @@ def main():
     parser.add_argument("--resume", action="store_true",
                         help="resnet20: continue from benchmarks/results/paper-resnet20/checkpoint.npz")
     parser.add_argument("--stop-at-chance", type=int, default=0, metavar="N",
-                        help="mnist, fashion, mnist-ablations: end a CoCD/BCCD run whose test accuracy stayed at chance (<= 12%%) "
-                        "for N epochs in a row (recorded as stopped; 0: never)")
+                        help="mnist, fashion, mnist-ablations: end a CoCD/BCCD run whose test accuracy stayed at "
+                        "chance (<= 12%%) for N epochs in a row (recorded as stopped; 0: never)")
     parser.add_argument("--skip-defaults", action="store_true",
                         help="mnist-ablations: leave out the run at the defaults (when another process runs it)")
     parser.add_argument("--only", nargs="+", metavar="KEY=VALUE",

@@ -10,7 +10,7 @@ import json
 import sys
 
 from common import RESULTS, write_json
-from paper_seeds import summarize
+from paper_seeds import accuracy_curve, summarize
 
 SETTINGS = ("eps", "gamma", "budget", "M")
 
@@ -40,7 +40,7 @@ def main():
     for ax, key in zip(axes, SETTINGS):
         for label, run in runs.items():
             if label.startswith(key + "=") or run is defaults:
-                acc = [100 * h["val_accuracy"] for h in run["history"]]
+                acc = accuracy_curve(run)
                 ax.plot(range(1, len(acc) + 1), acc, label=label, ls="--" if run is defaults else "-")
         ax.set_title(f"MNIST CoCD, {key}")
         ax.set_xlabel("epoch")

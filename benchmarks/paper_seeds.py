@@ -17,9 +17,14 @@ RUNS = [("MNIST CoCD seed 0", "paper_mnist_cocd_paper-cnn"), ("MNIST CoCD seed 1
         ("Fashion-MNIST CoCD seed 0, no stop rule", "paper_fashion_cocd_paper-cnn_nostop")]
 
 
+def accuracy_curve(run):
+    """Test accuracy (%) per epoch of one paper.py run."""
+    return [100 * h["val_accuracy"] for h in run["history"]]
+
+
 def summarize(run, label):
     """Final and best test accuracy (%) of one paper.py run, printed as one line."""
-    acc = [100 * h["val_accuracy"] for h in run["history"]]
+    acc = accuracy_curve(run)
     out = {"epochs": len(acc), "final": acc[-1], "best": max(acc), "best_epoch": acc.index(max(acc)) + 1,
            "stopped": run.get("stopped"), "still_running": bool(run.get("running"))}
     print(f"{label:<28} {len(acc):3d} epochs  final {acc[-1]:6.2f}%  best {max(acc):6.2f}% (epoch {out['best_epoch']})"
@@ -36,7 +41,7 @@ def main():
             print(f"{label}: {path.name} not there yet")
             continue
         run = json.loads(path.read_text())["runs"][0]
-        curves[label] = [100 * h["val_accuracy"] for h in run["history"]]
+        curves[label] = accuracy_curve(run)
         summary[label] = dict(summarize(run, label), file=path.name)
     seeds = {k: v for k, v in summary.items() if k.startswith("MNIST CoCD seed") and "no stop" not in k}
     if "MNIST CoCD seed 1, no stop rule" in summary:  # the longer run of the same seed (same first epochs)
