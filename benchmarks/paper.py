@@ -45,6 +45,7 @@ from edgezo.runtime.errors import EdgezoError
 from edgezo.runtime.optim import BCCD, SPSA, ZOSGD, CoCD, MeZOSGD
 from edgezo.runtime.train import evaluate, fit
 from paper_data import mnist_data, padded_fashion, sarcos_data
+from paper_plot import plot
 
 WD = 1e-4
 PAPER_SARCOS_TRAIN_ROWS = 44_484
@@ -308,38 +309,6 @@ def result_name(args, task, matched):
     if task in ("sarcos", "mnist", "fashion") and args.seeds != [0]:
         name += "_seed" + "-".join(map(str, args.seeds))
     return name
-
-
-def plot(task, runs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if task == "resnet20":
-        curve = runs[0]["curve"]
-        ax.plot([p["step"] for p in curve], [p["train_loss"] for p in curve], label="train loss (batch)")
-        tested = [p for p in curve if "test_accuracy" in p]
-        ax.plot([p["step"] for p in tested], [p["test_accuracy"] for p in tested], "o-", label="test accuracy (1,000)")
-        ax.set_xlabel("step")
-        ax.set_title("paper benchmark: ResNet-20 CoCD B=2048, Fashion-MNIST 32x32")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return
-    first = next(r["history"][0] for r in runs if r["history"])
-    key = "val_accuracy" if "val_accuracy" in first else "val_loss"
-    for r in runs:
-        ax.plot([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], label=r["label"])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy" if key == "val_accuracy" else "validation MSE (standardized)")
-    if key == "val_loss":
-        ax.set_yscale("log")
-    ax.set_title(f"paper benchmark: {task}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main():
