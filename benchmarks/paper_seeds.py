@@ -68,7 +68,7 @@ def main():
                                "LeakyReLU 0.01 (dashed)")]:
         for label in labels:
             acc = curves[label]
-            color = {"seed 0": "C0", "seed 1": "C1"}.get(label.split("CoCD ")[-1][:6]) if ax is leaky_ax else None
+            color = ("C0" if "seed 0" in label else "C1") if ax is leaky_ax else None  # one colour per seed
             ax.plot(range(1, len(acc) + 1), acc, "--" if "leaky" in label else "-", color=color, label=label)
         ax.axhline(95.48, ls=":", c="gray", lw=0.8, label="paper: MNIST CoCD 95.48%")
         ax.set_xlabel("epoch")
