@@ -14,20 +14,16 @@ def plot(task, runs, path):
         ax.plot([p["step"] for p in tested], [p["test_accuracy"] for p in tested], "o-", label="test accuracy (1,000)")
         ax.set_xlabel("step")
         ax.set_title("paper benchmark: ResNet-20 CoCD B=2048, Fashion-MNIST 32x32")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return
-    first = next(r["history"][0] for r in runs if r["history"])
-    key = "val_accuracy" if "val_accuracy" in first else "val_loss"
-    for r in runs:
-        ax.plot([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], label=r["label"])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy" if key == "val_accuracy" else "validation MSE (standardized)")
-    if key == "val_loss":
-        ax.set_yscale("log")
-    ax.set_title(f"paper benchmark: {task}")
+    else:
+        first = next(r["history"][0] for r in runs if r["history"])
+        key = "val_accuracy" if "val_accuracy" in first else "val_loss"
+        for r in runs:
+            ax.plot([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], label=r["label"])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy" if key == "val_accuracy" else "validation MSE (standardized)")
+        if key == "val_loss":
+            ax.set_yscale("log")
+        ax.set_title(f"paper benchmark: {task}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
