@@ -182,7 +182,7 @@ def bench_deployed(name, steps, sample):
         rows = sample if engine == "naive" else None
         result[f"{engine}_ms"] = step_ms(art, params, probes, probes, rows, x, y, f"{name} {engine:8s}")
     if DEVICE_ENGINE[0] and DEVICE[0] == "cpu":  # the --device cuda design (fused ONNX graphs, IOBinding) here
-        from edgezo.runtime.device_engine import DeviceEngine
+        from edgezo.runtime.engine import DeviceEngine
 
         class OnCpu:  # the artifact's interface over the device engine on the CPU provider
             engine = DeviceEngine(arts["auto"].fast_engine(), "cpu")

@@ -189,8 +189,8 @@ class OnnxModule(torch.nn.Module):
             torch.nn.Parameter(torch.from_numpy(init[e["offset"]:e["offset"] + e["size"]].reshape(e["shape"]).copy()))
             for e in self.entries)
         self.consts = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
-        from ..runtime.graph import reachable
-        from ..runtime.layers import scores_name
+        from ..runtime.engine.graph import reachable
+        from ..runtime.loss import scores_name
         self.output = scores_name(self.manifest)
         self.input_names = [v["name"] for v in self.manifest["inputs"]]
         self.nodes = reachable(graph, [self.output])[0]

@@ -58,13 +58,9 @@ class Artifact:
             self._no_engine = True
             return None
         if self.device != "cpu":  # kernels as ONNX graphs, activations and copies on the device
-            from .device_engine import DeviceEngine
+            from .engine import DeviceEngine
             self._engine = DeviceEngine(self._engine, self.device)
-        paths = self._engine.tensor_paths()
-        generic = {name: path for name, path in paths.items() if path.startswith("generic")}
-        stacked = {name: path for name, path in paths.items() if path.startswith("stacked")}
-        if generic or stacked:
-            self.engine_note = _paths_note(paths, generic, stacked)
+        self.engine_note = _paths_note(self._engine.tensor_routes())
         return self._engine
 
     def tensor_paths(self):
@@ -165,7 +161,18 @@ class Artifact:
         engine = self.fast_engine() if isinstance(probe, CoordinateProbe) else None
         if engine is not None:  # every coordinate: by delta propagation, stacked or generic (engine_paths)
             return engine.losses(params, probe, feed, feed)
+        self.naive_rows += len(probe)
         return self.naive_losses(params, probe, feed)
+
+    naive_rows = 0  # probe rows evaluated by the naive path
+
+    def paths_taken(self):
+        """{path: probe rows evaluated along it so far} ("engine", "stacked", "generic", "device", "naive"), as
+        the evaluations ran, not as planned."""
+        taken = {path.value: rows for path, rows in (getattr(self._engine, "taken", None) or {}).items()}
+        if self.naive_rows:
+            taken["naive"] = self.naive_rows
+        return taken
 
     def naive_losses(self, params, probe, feed):
         """One runtime call per probe row: the reference every faster path must match."""
@@ -181,18 +188,26 @@ class Artifact:
         return np.array([self._run(perturbed(base, probe, p), feed)[0] for p in range(len(probe))])
 
 
-def _paths_note(paths, generic, stacked):
-    """One line: how many trainable tensors take each engine path, and every op that decided it."""
-    def ops(group, prefix):
-        return sorted({op for v in group.values() for op in v[len(prefix):].split(", ")})
-    line = (f"engine paths: {len(paths) - len(generic) - len(stacked)} of {len(paths)} trainable tensors all in the "
-            "engine's kernels")
+def _paths_note(routes):
+    """One line: how many trainable tensors take each engine path, and every op that decided it (None where all
+    take the engine's kernels)."""
+    from .engine import Path
+
+    def of(path):
+        return {name: route for name, route in routes.items() if route.path is path}
+
+    def ops(group):
+        return ", ".join(sorted({op for route in group.values() for op in route.detail.split(", ")}))
+    generic, stacked = of(Path.GENERIC), of(Path.STACKED)
+    if not generic and not stacked:
+        return None
+    line = (f"engine paths: {len(routes) - len(generic) - len(stacked)} of {len(routes)} trainable tensors all in "
+            "the engine's kernels")
     if stacked:
-        line += f", {len(stacked)} with the rest stacked in onnxruntime (past {', '.join(ops(stacked, 'stacked: '))})"
+        line += f", {len(stacked)} with the rest stacked in onnxruntime (past {ops(stacked)})"
     if generic:
         names = ", ".join(list(generic)[:4]) + (", ..." if len(generic) > 4 else "")
-        line += (f", {len(generic)} one onnxruntime call per perturbation from their op's input ({names}: "
-                 f"{', '.join(ops(generic, 'generic: '))})")
+        line += f", {len(generic)} one onnxruntime call per perturbation from their op's input ({names}: {ops(generic)})"
     return line
 
 

@@ -67,7 +67,7 @@ def test_constant_node_weights_and_an_if_between_trainable_layers(tmp_path):
     assert paths["w1"] == paths["b1"] == "stacked: If" and paths["w2"] == paths["b2"] == "engine", paths
     x, y = np.random.default_rng(5).standard_normal((6, 4)).astype(np.float32), np.array([0, 1, 2, 2, 1, 0])
     params = fast.initial_params()
-    from edgezo.runtime.device_engine import DeviceEngine
+    from edgezo.runtime.engine import DeviceEngine
     device = DeviceEngine(fast.fast_engine(), "cpu")  # opset 11 upgraded to 13, the If inside the fused graph
     feed = fast.feeds(x, y)
     for probe in probes(fast, 5, 1e-2):
@@ -98,7 +98,7 @@ def test_a_tensor_read_by_several_ops_takes_the_generic_path_exactly(tmp_path):
 def test_device_engine_matches_naive(deployed_file, tmp_path, name):
     """The engine as it runs on --device cuda (kernels as ONNX graphs, activations and copies bound to the
     provider's memory, one fused session per tensor), here on the CPU provider."""
-    from edgezo.runtime.device_engine import DeviceEngine
+    from edgezo.runtime.engine import DeviceEngine
     path, shape = deployed_file[name]
     art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=deployed.SELECTIONS[name]["block"],
                       log=lambda line: None)
@@ -116,7 +116,7 @@ def test_device_engine_matches_naive(deployed_file, tmp_path, name):
 
 
 def test_device_engine_on_the_paper_models(mlp_artifact, cnn_artifact):
-    from edgezo.runtime.device_engine import DeviceEngine
+    from edgezo.runtime.engine import DeviceEngine
     from test_engine import data
     for path, kind, budget in ((mlp_artifact, "mlp", 64), (cnn_artifact, "cnn", 256)):
         fast, naive = load_artifact(path, device="cpu"), load_artifact(path, device="cpu", engine="naive")
@@ -157,7 +157,7 @@ def test_torch_export_based_exporter_files(tmp_path):
     shape constants. The engines match naive on it."""
     import torch
     from edgezo.exporters.onnx_prepare import torch_names
-    from edgezo.runtime.device_engine import DeviceEngine
+    from edgezo.runtime.engine import DeviceEngine
     model, shape = deployed.build("transformer", **SMALL["transformer"])
     path = tmp_path / "dynamo.onnx"
     torch.onnx.export(model, (torch.zeros(2, *shape),), str(path), dynamo=True, input_names=["x"],

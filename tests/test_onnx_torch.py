@@ -14,8 +14,8 @@ from test_wild_onnx import arr, layer_models, softmax_mlp, state_model
 def scores_by_ort(art, params, feed):
     """The tensor the loss reads, by onnxruntime on loss.onnx."""
     import onnx
-    from edgezo.runtime.graph import cut
-    from edgezo.runtime.layers import scores_name
+    from edgezo.runtime.engine.graph import cut
+    from edgezo.runtime.loss import scores_name
     model = onnx.load(art.file("loss"))
     name = scores_name(art.manifest)
     inputs = [art.manifest["params_input"]] + art.input_names

@@ -1,20 +1,34 @@
-"""Reading loss.onnx for the engine: what each tensor depends on, and onnxruntime sessions of cut
-subgraphs (values used inside If/Loop bodies are kept)."""
+"""Reading loss.onnx: what each tensor depends on, which nodes reach which tensors, and onnxruntime sessions of
+cut subgraphs (values used inside If/Loop bodies are kept)."""
 import onnx
 
-from .layers import Unsupported
-from .sessions import make_session
+from ..sessions import make_session
 
-_ROLES = {"Gemm": ("input", "weight", "bias"), "MatMul": ("input", "weight"), "Conv": ("input", "weight", "bias"),
-          "BatchNormalization": ("input", "scale", "bias", "mean", "var"), "Add": ("input", "bias")}
+
+class Unsupported(Exception):
+    """The graph or probe is outside what the engine handles; the message says why."""
+
+
 _RANK = {"static": 0, "batch": 1, "param": 2, "data": 3}
 
 
-def _attrs(node):
+def attrs(node):
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _kinds(graph, const, params_name, input_name):
+def subgraph_inputs(node):
+    """The names a node reads: its inputs plus the outer-scope names its If/Loop/Scan bodies use."""
+    names = [n for n in node.input if n]
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            local = {t.name for t in g.initializer} | {i.name for i in g.input}
+            for inner in g.node:
+                names += [n for n in subgraph_inputs(inner) if n not in local]
+                local.update(inner.output)
+    return names
+
+
+def kinds_of(graph, const, params_name, input_name):
     """The kind of every tensor: 'static' (fixed values), 'batch' (depends on the batch size only),
     'param' (slices of the flat params), 'data' (depends on the input's values)."""
     kinds = {name: "static" for name in const}
@@ -31,16 +45,18 @@ def _kinds(graph, const, params_name, input_name):
     return kinds
 
 
-def _tainted(graph, params_name):
-    """The tensors that depend on the flat params (through node inputs and If/Loop bodies)."""
-    tainted = {params_name}
-    for node in graph.node:
-        if any(name in tainted for name in subgraph_inputs(node)):
-            tainted.update(node.output)
-    return tainted
+def downstream(nodes, names):
+    """(the nodes, in graph order, that read any of `names` directly or through earlier such nodes; every tensor
+    they reach, `names` included). Forward reachability; `reachable` is the backward one."""
+    reached, after = set(names), []
+    for node in nodes:
+        if any(n in reached for n in subgraph_inputs(node)):
+            after.append(node)
+            reached.update(node.output)
+    return after, reached
 
 
-def _ancestors(nodes, kinds, output):
+def ancestors(nodes, kinds, output):
     """The data nodes the model output depends on, in graph (topological) order."""
     needed, kept = {output}, []
     for node in reversed(nodes):
@@ -48,18 +64,6 @@ def _ancestors(nodes, kinds, output):
             kept.append(node)
             needed.update(n for n in subgraph_inputs(node) if kinds.get(n) == "data")
     return kept[::-1]
-
-
-def subgraph_inputs(node):
-    """The names a node reads: its inputs plus the outer-scope names its If/Loop/Scan bodies use."""
-    names = [n for n in node.input if n]
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            local = {t.name for t in g.initializer} | {i.name for i in g.input}
-            for inner in g.node:
-                names += [n for n in subgraph_inputs(inner) if n not in local]
-                local.update(inner.output)
-    return names
 
 
 def reachable(graph, outputs, inputs=()):
