@@ -1,4 +1,6 @@
 """Every fast evaluation path gives the naive path's losses (one runtime call per perturbation)."""
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,17 @@ def check_step(fast, naive, eps, budget, central=True):
     assert np.all(np.abs(fd_fast - fd_naive) <= 1e-3 * np.abs(fd_naive) + resolution)
 
 
+def assert_paths_taken(taken, paths, manifest, evaluated):
+    """The probe rows each path evaluated at run time (engine.taken or artifact.paths_taken()) are those the plan
+    (tensor_paths) sends there, row for row: no evaluation fell back silently to another path."""
+    owner = np.empty(manifest["num_params"], object)
+    for e in manifest["trainable"]:
+        owner[e["offset"]:e["offset"] + e["size"]] = e["name"]
+    planned = Counter(paths[owner[i]].split(":")[0] for probe in evaluated for i in probe.index[probe.delta != 0])
+    taken = {getattr(path, "value", path): rows for path, rows in dict(taken).items()}
+    assert "naive" not in planned and taken == dict(planned), (taken, dict(planned))
+
+
 def data(kind, n, rng):
     if kind == "mlp":
         return rng.standard_normal((n, 21)).astype(np.float32), rng.standard_normal((n, 7)).astype(np.float32)
@@ -43,11 +56,12 @@ def test_mlp_full_cycle(mlp_artifact, engine):
     x, y = data("mlp", 64, np.random.default_rng(0))
     params = fast.initial_params()
     assert fast.fast_engine() is not None and naive.fast_engine() is None
-    n_steps = 0
-    for probe in probes(fast, 64, 1e-2):
+    evaluated = list(probes(fast, 64, 1e-2))
+    for probe in evaluated:
         check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 64)
-        n_steps += 1
-    assert n_steps == 189  # 12,039 = 188 x 64 + 7: the last step wraps to coordinate 0; steps span layers
+    assert len(evaluated) == 189  # 12,039 = 188 x 64 + 7: the last step wraps to coordinate 0; steps span layers
+    assert_paths_taken(fast.paths_taken(), fast.tensor_paths(), fast.manifest, evaluated)
+    assert naive.paths_taken() == {"naive": 189 * 128}
 
 
 @pytest.mark.parametrize("engine", ["auto", "batched"])
@@ -56,8 +70,11 @@ def test_cnn_full_cycle(cnn_artifact, engine):
     naive = load_artifact(cnn_artifact, device="cpu", engine="naive")
     x, y = data("cnn", 6, np.random.default_rng(1))
     params = fast.initial_params() + np.float32(0.01)  # no exact zeros at ReLUs
-    for probe in probes(fast, 256, 1e-2, every=1 if engine == "auto" else 4):
+    evaluated = list(probes(fast, 256, 1e-2, every=1 if engine == "auto" else 4))
+    for probe in evaluated:
         check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 256)
+    assert_paths_taken(fast.paths_taken(), fast.tensor_paths(), fast.manifest, evaluated)
+    assert set(fast.paths_taken()) == {"engine"}
 
 
 def test_leaky_relu_propagates_deltas(tmp_path):

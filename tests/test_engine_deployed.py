@@ -7,7 +7,7 @@ import pytest
 from edgezo.exporters import deployed
 from edgezo.exporters.onnx_import import export_onnx
 from edgezo.runtime import load_artifact
-from test_engine import check_step, probes
+from test_engine import assert_paths_taken, check_step, probes
 
 SMALL = {"mobilenetv3_small": dict(width=0.25, side=32, hidden=64),
          "resnet18": dict(width=8, side=32),
@@ -36,9 +36,11 @@ def test_engine_matches_naive(deployed_file, tmp_path, name, selection):
     budget = 16
     cycle = -(-fast.num_params // budget)
     every = max(1, cycle // STEPS[selection])
-    for probe in probes(fast, budget, 1e-2, every=every):
+    evaluated = list(probes(fast, budget, 1e-2, every=every))
+    for probe in evaluated:
         check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, budget)
     paths = fast.tensor_paths()
+    assert_paths_taken(fast.paths_taken(), paths, fast.manifest, evaluated)
     assert set(paths) == {e["name"] for e in fast.manifest["trainable"]}
     if selection == "head":
         assert set(paths.values()) == {"engine"}, paths
@@ -98,7 +100,7 @@ def test_a_tensor_read_by_several_ops_takes_the_generic_path_exactly(tmp_path):
 def test_device_engine_matches_naive(deployed_file, tmp_path, name):
     """The engine as it runs on --device cuda (kernels as ONNX graphs, activations and copies bound to the
     provider's memory, one fused session per tensor), here on the CPU provider."""
-    from edgezo.runtime.engine import DeviceEngine
+    from edgezo.runtime.engine import DeviceEngine, Path
     path, shape = deployed_file[name]
     art = export_onnx(path, tmp_path / "art", "cross_entropy", trainable=deployed.SELECTIONS[name]["block"],
                       log=lambda line: None)
@@ -111,12 +113,15 @@ def test_device_engine_matches_naive(deployed_file, tmp_path, name):
     feed = fast.feeds(x, y)
     params = fast.initial_params()
     cycle = -(-fast.num_params // 16)
-    for probe in probes(fast, 16, 1e-2, every=max(1, cycle // 5)):
+    evaluated = list(probes(fast, 16, 1e-2, every=max(1, cycle // 5)))
+    for probe in evaluated:
         check_step(device.losses(params, probe, feed, feed), naive.losses(params, probe, x, y), 1e-2, 16)
+    assert_paths_taken(device.taken, paths, fast.manifest, evaluated)
+    assert device.taken[Path.DEVICE] > 0
 
 
 def test_device_engine_on_the_paper_models(mlp_artifact, cnn_artifact):
-    from edgezo.runtime.engine import DeviceEngine
+    from edgezo.runtime.engine import DeviceEngine, Path
     from test_engine import data
     for path, kind, budget in ((mlp_artifact, "mlp", 64), (cnn_artifact, "cnn", 256)):
         fast, naive = load_artifact(path, device="cpu"), load_artifact(path, device="cpu", engine="naive")
@@ -124,8 +129,11 @@ def test_device_engine_on_the_paper_models(mlp_artifact, cnn_artifact):
         x, y = data(kind, 4, np.random.default_rng(2))
         feed = fast.feeds(x, y)
         params = fast.initial_params() + np.float32(0.01)
-        for probe in probes(fast, budget, 1e-2, every=30):
+        evaluated = list(probes(fast, budget, 1e-2, every=30))
+        for probe in evaluated:
             check_step(device.losses(params, probe, feed, feed), naive.losses(params, probe, x, y), 1e-2, budget)
+        assert_paths_taken(device.taken, device.tensor_paths(), fast.manifest, evaluated)
+        assert set(device.taken) == {Path.DEVICE}
 
 
 def test_conv_transpose_and_dilated_grouped_convs(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from edgezo.exporters import export_module
 from edgezo.exporters.models import sarcos_mlp
 from edgezo.runtime import load_artifact
-from test_engine import check_step, probes
+from test_engine import assert_paths_taken, check_step, probes
 
 
 def graph_losses(art, x, y):
@@ -52,9 +52,11 @@ def test_custom_per_sample_loss_gets_the_engine(tmp_path):
     assert each.fast_engine() is not None, each.engine_note
     naive = load_artifact(tmp_path / "each", device="cpu", engine="naive")
     params = each.initial_params()
-    for probe in probes(each, 64, 1e-2, every=40):
+    evaluated = list(probes(each, 64, 1e-2, every=40))
+    for probe in evaluated:
         check_step(each.losses(params, probe, x.numpy(), y.numpy()), naive.losses(params, probe, x.numpy(), y.numpy()),
                    1e-2, 64)
+    assert_paths_taken(each.paths_taken(), each.tensor_paths(), each.manifest, evaluated)
     mean = load_artifact(export_module(sarcos_mlp(), x, y, huber_mean, tmp_path / "mean"), device="cpu")
     assert "per_sample" not in mean.manifest["loss"] and mean.fast_engine() is None
     assert "per-sample" in mean.engine_note and set(mean.tensor_paths().values()) == {"naive"}

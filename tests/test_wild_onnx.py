@@ -10,6 +10,7 @@ from conftest import run_cli
 from edgezo.exporters.onnx_import import export_onnx
 from edgezo.runtime import load_artifact
 from edgezo.runtime.optim import CoCD, CoordinateProbe
+from test_engine import assert_paths_taken
 
 RNG = np.random.default_rng(1)
 
@@ -314,6 +315,7 @@ def test_engine_runs_the_frozen_backbone_once_whatever_its_ops(tmp_path):
         fast, naive = art.losses(params, probe, feed, feed), art.naive_losses(params, probe, feed)
         assert np.allclose(fast, naive, rtol=1e-5, atol=0)
         opt.tell(naive)
+    assert art.paths_taken() == {"engine": 3 * 80}  # every row in the engine's kernels, none naive
     whole = load_artifact(export_onnx(MODEL, tmp_path / "all", "cross_entropy", trainable=["*weight", "17.bias"],
                                       log=lambda line: None), "cpu")
     paths = whole.tensor_paths()  # per tensor: the head in numpy, the layers before it stacked in onnxruntime
@@ -328,6 +330,7 @@ def test_engine_runs_the_frozen_backbone_once_whatever_its_ops(tmp_path):
                             np.array([0.01] * 6 + [-0.01] * 2, np.float32))
     feed = whole.feeds({"image": x}, {"target": y})
     assert np.allclose(whole.losses(params, probe, feed, feed), whole.naive_losses(params, probe, feed), rtol=1e-5)
+    assert_paths_taken(whole.paths_taken(), paths, whole.manifest, [probe])
 
 
 def test_export_of_a_torch_model_takes_the_same_selections(tmp_path):

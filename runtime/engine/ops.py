@@ -3,6 +3,7 @@
 An op class parses its own attributes from the node and declares in `supports` what it can do:
 - "forward": numpy forward of the op (the engine's numpy layers, and prefix reuse without onnxruntime);
 - "propagate": on_block, the op on a one-channel (one-unit) change, so delta propagation carries it;
+- "respond": a linear op's output change for a change in one input channel (unit) block (ends propagation);
 - "block": the perturbed output block of a weight it owns, computed directly (Gemm, Conv, bias, BatchNorm);
 - "direct": move, the perturbed output copies of a weight it owns at any rank (the engine runs the rest stacked);
 - "device": kernel, the same perturbed copies as ONNX nodes, so the device engine keeps them on the accelerator.

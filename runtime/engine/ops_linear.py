@@ -27,7 +27,7 @@ class Gemm(Op):
     """Gemm (no transA, alpha = beta = 1) or MatMul by a weight [in, out] ([out, in] with transB, or a MatMul
     weight read through a Transpose)."""
     types = ("Gemm", "MatMul")
-    supports = frozenset({"forward", "block", "direct", "device"})
+    supports = frozenset({"forward", "respond", "block", "direct", "device"})
     examples = (Example((3, 4), {"weight": (5, 4), "bias": (5,)}, {"transB": 1}, op_type="Gemm"),
                 Example((3, 4), {"weight": (4, 5)}, op_type="MatMul"),
                 Example((2, 3, 4), {"weight": (4, 5)}, op_type="MatMul"))
@@ -119,7 +119,7 @@ class Conv(Op):
     """2-D Conv. Numpy layer (the convolution itself in a one-op onnxruntime session, MLAS) where it is ungrouped
     and undilated; a direct kernel for any group count, stride, padding and dilation."""
     types = ("Conv",)
-    supports = frozenset({"forward", "block", "direct", "device"})
+    supports = frozenset({"forward", "respond", "block", "direct", "device"})
     examples = (Example((2, 3, 6, 6), {"weight": (4, 3, 3, 3), "bias": (4,)}, {"pads": [1, 1, 1, 1]}),
                 Example((2, 4, 7, 7), {"weight": (4, 1, 3, 3), "bias": (4,)},
                         {"group": 4, "strides": [2, 2], "dilations": [1, 1]}),
