@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from .runtime.errors import EdgezoError, check
-from .runtime.run import DEFAULTS, OPTIMIZERS, load_train_val, write_run
+from .runtime.config import RunConfig, add_flags, from_namespace
+from .runtime.run import load_train_val, write_run
 
 
 def prepare_out(out):
@@ -37,8 +38,16 @@ def cmd_export(args):
 
 
 def cmd_train(args):
-    from .runtime.run import _train
-    _train(args, log=lambda line: print(line, flush=True))
+    from .runtime import run
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    config = from_namespace(args)
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(config).items()
+                 if k != "artifact" and v != getattr(RunConfig(), k)]
+        check(not given, f"--resume continues a run with its own settings; {given[0] if given else ''} does not apply")
+        run.resume(args.resume, artifact=args.artifact, log=log)
+    else:
+        run.train(config=config, log=log)
 
 
 def cmd_train_torch(args):
@@ -58,7 +67,8 @@ def cmd_train_torch(args):
     metrics = {"optimizer": f"torch-{args.optimizer}", "settings": {"lr": args.lr, "weight_decay": args.weight_decay},
                "steps": history[-1]["steps"], "device": "cpu", "seconds": time.perf_counter() - start,
                "history": history, "rss_baseline_mb": baseline}
-    write_run(args, Path(args.artifact) / manifest["files"]["inference"], manifest, params, metrics)
+    write_run(args.out, args.artifact, args.batch_size, args.epochs, args.seed,
+              Path(args.artifact) / manifest["files"]["inference"], manifest, params, metrics)
 
 
 def cmd_eval(args):
@@ -133,25 +143,6 @@ def cmd_demo(args):
         run_adapt_demo(args.out, args.epochs or 20)
 
 
-def add_train_flags(p):
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="cocd",
-                   help="cocd; bccd (cocd with gamma 0); spsa, zosgd, mezo (direction probes: --directions, --mu); "
-                        "cge (DeepZero coordinate estimate: --budget, --mu)")
-    p.add_argument("--directions", type=int, default=1, help="spsa/zosgd/mezo: directions per step")
-    p.add_argument("--mu", type=float, default=1e-3, help="spsa/zosgd/mezo/cge: smoothing (perturbation size)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--eps", type=float, default=1e-2, help="finite-difference radius")
-    p.add_argument("--budget", type=int, default=64, help="B: coordinates refreshed per step (2B evaluations)")
-    p.add_argument("--memory", default=None,
-                   help="m: gradient buffer size, a count or a fraction of n in (0, 1] (default n)")
-    p.add_argument("--gamma", type=float, default=1.0, help="buffer decay in [0, 1]; 0 is BCCD")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    p.add_argument("--one-sided", action="store_true", help="one-sided differences (B+1 evaluations a step)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="data order and validation split")
-
-
 def add_selection_flags(p):
     """What to train, shared by export and export-onnx (combinable: their union trains)."""
     p.add_argument("--trainable", nargs="+", metavar="PATTERN",
@@ -208,34 +199,14 @@ def build_parser():
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.set_defaults(func=cmd_write_back)
 
-    p = sub.add_parser("train", help="train an artifact forward-only (no torch)")
-    p.add_argument("artifact", nargs="?", help="artifact folder (from edgezo export)")
-    p.add_argument("--data", help=".npz/.npy/.csv/.mat/IDX/CIFAR-10 training data")
-    p.add_argument("--val-data", help="validation data, same formats")
-    p.add_argument("--val-fraction", type=float, help="hold out this fraction of --data for validation")
-    p.add_argument("--target-columns", type=int, help="for .csv data: how many last columns are targets")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", help="run folder to create (metrics.json, params.npy, trained.onnx)")
-    p.add_argument("--checkpoint-every", type=int, help="write RUN/checkpoint.npz atomically every N steps")
-    p.add_argument("--resume", help="continue the run in this folder from its checkpoint, bit-identically")
-    p.add_argument("--divergence-factor", type=float, default=1e3,
-                   help="a mean probe loss above this times the best so far counts as divergence")
-    p.add_argument("--on-divergence", choices=("stop", "rollback", "halve-lr"), default="rollback",
-                   help="what to do on a non-finite or diverging loss (default: roll back to the last good state)")
-    p.add_argument("--backend", choices=("onnxruntime", "executorch"), default="onnxruntime",
-                   help="onnxruntime (loss.onnx, torch-free) or executorch (model.pte; its runtime needs torch)")
-    p.add_argument("--engine", choices=("auto", "batched", "naive"), default="auto",
-                   help="how a probe's losses are evaluated: auto (fastest exact path: prefix reuse and delta "
-                        "propagation), batched (prefix reuse, copies batched), naive (one runtime call per point)")
-    p.add_argument("--engine-memory-mb", type=float, default=256,
-                   help="cap on the engine's extra activation memory per chunk of copies (default 256)")
-    p.add_argument("--lean-memory", action="store_true",
-                   help="return freed activations to the OS at once (glibc): a lower peak RSS (ResNet-20 engine "
-                        "at batch 128: 121 vs 228 MiB rise) for some speed (the MNIST CNN engine: 2x slower)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="onnxruntime threads (fixed, so results do not depend on the machine's load)")
-    add_train_flags(p)
-    p.set_defaults(func=cmd_train, **DEFAULTS)  # runtime.run.DEFAULTS: one place for Python and CLI users
+    p = sub.add_parser("train", help="train an artifact forward-only (no torch)",
+                       description="Train an artifact forward-only (no torch). Optimizer settings not given take the "
+                       "optimizer's defaults; one it does not use is refused. Every flag is a field of "
+                       "edgezo.runtime.config.RunConfig, which the Python API (runtime.run.train) takes too.")
+    add_flags(p)  # runtime.config.RunConfig: one place for Python and CLI users
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its checkpoint, "
+                   "bit-identically (with its own settings)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-torch", help="first-order reference: torch SGD/momentum/Adam on reference.pt2")
     p.add_argument("artifact")

@@ -120,29 +120,27 @@ class CoCD(torch.optim.Optimizer):
         return float(np.mean(losses))
 
     def state_dict(self):
-        """The core's state (buffer as a tensor) plus each group's lr and weight_decay."""
+        """The core's settings and state (buffer as a tensor) plus each group's lr and weight_decay."""
         self._sync()
-        lr, wd = self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]
-        rates, (self.core.lr, self.core.weight_decay) = (self.core.lr, self.core.weight_decay), (lr, wd)
         state = self.core.state_dict()
-        self.core.lr, self.core.weight_decay = rates
-        state["buffer"] = torch.from_numpy(state["buffer"].copy())
+        group = self.param_groups[0]  # the core's lr may be per coordinate; the groups keep the real values
+        state["settings"].update(lr=float(group["lr"]), weight_decay=float(group["weight_decay"]))
+        state["state"]["buffer"] = torch.from_numpy(state["state"]["buffer"].copy())
         state["param_groups"] = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in self.param_groups]
         return state
 
     def load_state_dict(self, state):
         state = dict(state)
         groups = state.pop("param_groups", None)
-        state["buffer"] = np.asarray(state["buffer"].cpu() if isinstance(state["buffer"], torch.Tensor)
-                                     else state["buffer"])
+        inner = dict(state.get("state", state))
+        inner["buffer"] = np.asarray(inner["buffer"].cpu() if isinstance(inner["buffer"], torch.Tensor)
+                                     else inner["buffer"])
+        state = dict(state, state=inner) if "state" in state else inner  # flat: written before settings were apart
+        if groups is not None and len(groups) != len(self.param_groups):
+            raise core.EdgezoError(f"state_dict has {len(groups)} param groups, this optimizer "
+                                   f"{len(self.param_groups)}")
         self.core.load_state_dict(state)
-        if groups is not None:
-            if len(groups) != len(self.param_groups):
-                raise core.EdgezoError(f"state_dict has {len(groups)} param groups, this optimizer "
-                                       f"{len(self.param_groups)}")
-            for group, saved in zip(self.param_groups, groups):
-                group.update(saved)
-        else:
-            for group in self.param_groups:
-                group.update(lr=float(state["lr"]), weight_decay=float(state["weight_decay"]))
+        rates = {"lr": self.core.settings.lr, "weight_decay": self.core.settings.weight_decay}
+        for group, saved in zip(self.param_groups, groups or [rates] * len(self.param_groups)):
+            group.update(saved)
         self._sync()

@@ -8,7 +8,7 @@ from .sessions import active_device, make_session
 from . import manifest as manifest_mod
 from .errors import EdgezoError, check
 from .files import load_params
-from .optim import CoordinateProbe, perturbed
+from .probes import CoordinateProbe, perturbed
 
 ENGINES = ("auto", "batched", "naive")
 BACKENDS = {}  # name -> callable(path, device, threads) returning an Artifact; runtime/ imports none of them

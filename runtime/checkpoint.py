@@ -25,14 +25,9 @@ def fingerprint(artifact_path):
 
 
 def save(run_dir, params, optimizer_state, info):
-    arrays = {"params": params}
-    scalars = {}
-    for key, value in optimizer_state.items():
-        if isinstance(value, np.ndarray):
-            arrays[f"opt.{key}"] = value
-        else:
-            scalars[key] = value
-    meta = json.dumps({"optimizer": scalars, **info})
+    inner = dict(optimizer_state["state"])
+    arrays = {"params": params, **{f"opt.{k}": inner.pop(k) for k in list(inner) if isinstance(inner[k], np.ndarray)}}
+    meta = json.dumps({"optimizer": dict(optimizer_state, state=inner), **info})
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -49,8 +44,9 @@ def load(run_dir):
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             params = z["params"].copy()
-            state = dict(meta.pop("optimizer"))
-            state.update({k[4:]: z[k].copy() for k in z.files if k.startswith("opt.")})
+            state = dict(meta.pop("optimizer"))  # checkpoints before settings were kept apart: one flat dict
+            (state["state"] if "state" in state else state).update(
+                {k[4:]: z[k].copy() for k in z.files if k.startswith("opt.")})
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise EdgezoError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
     return params, state, meta

@@ -1,55 +1,153 @@
-"""Torch-free zeroth-order optimizers with an ask/tell interface.
+"""Torch-free zeroth-order optimizers with an ask/tell interface, composed from small pieces.
 
-`ask()` returns a probe (the points to evaluate); the caller evaluates one loss per probe row, in row
-order, and hands them to `tell(losses)`, which updates `params` in place. See DESIGN.md, "Probes".
+`ask()` returns a probe (the points to evaluate); the caller evaluates one loss per probe row, in row order, and
+hands them to `tell(losses)`, which updates `params` in place. See DESIGN.md, "Probes".
+
+Each optimizer is an estimator (finite differences on coordinates, or along seeded directions) plus an update
+(CoCD's memory buffer with decay gamma, then SGD with decoupled weight decay on the buffer's window), built from
+the pure functions below. Its hyperparameters are one frozen settings object, `opt.settings`, kept apart from its
+state: a scheduler or the divergence guard replaces the settings (`opt.lr = 0.01` is shorthand for that) and
+never edits the state; `state_dict()` holds the two separately.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
 from .errors import EdgezoError, check
+from .probes import CoordinateProbe, DirectionProbe, direction, perturbed  # noqa: F401  (re-exported)
+
+# ---------------------------------------------------------------- pieces
+
+
+def cycle(refreshed, budget, n):
+    """The `budget` coordinates after the first `refreshed` of the cyclic order, wrapping from n - 1 to 0."""
+    return (refreshed + np.arange(budget, dtype=np.int64)) % n
+
+
+def coordinate_probe(coords, eps, central, dtype):
+    """Central: rows +eps then -eps on each coordinate. One-sided: the base point, then +eps on each."""
+    step = np.full(len(coords), eps, dtype=dtype)
+    if central:
+        return CoordinateProbe(np.concatenate([coords, coords]), np.concatenate([step, -step]))
+    return CoordinateProbe(np.concatenate([[0], coords]), np.concatenate([[0], step]).astype(dtype))
+
+
+def coordinate_estimates(losses, eps, central):
+    """Finite-difference derivative estimates along the probe's coordinates (float64)."""
+    if central:
+        b = len(losses) // 2
+        return (losses[:b] - losses[b:]) / (2 * eps)
+    return (losses[1:] - losses[0]) / eps
+
+
+def remember(buffer, refreshed, estimates, gamma):
+    """CoCD's memory: every slot decays by gamma; the estimates of coordinates refreshed+j go to slot
+    (refreshed + j) mod m (when B > m, later ones overwrite earlier ones)."""
+    m, b = len(buffer), len(estimates)
+    buffer *= gamma
+    keep = min(b, m)
+    buffer[(refreshed + np.arange(b - keep, b)) % m] = estimates[b - keep:]
+
+
+def window(refreshed, m, n):
+    """(coordinates, slots) of the m most recently refreshed coordinates (0..m-1 before the buffer fills)."""
+    w = max(0, refreshed - m) + np.arange(m)
+    return w % n, w % m
+
+
+def decayed_step(x, coords, grad, lr, weight_decay):
+    """x[coords] <- x[coords] (1 - lr wd) - lr grad: SGD with decoupled weight decay on those coordinates only
+    (lr and wd may be per-coordinate arrays of length n)."""
+    if np.ndim(lr) or np.ndim(weight_decay):
+        lr, weight_decay = (np.broadcast_to(v, (x.size,))[coords] for v in (lr, weight_decay))
+    x[coords] = x[coords] * (1 - lr * weight_decay) - lr * grad
+
+
+def direction_probe(seeds, mu, distribution, central):
+    """Central: rows +mu then -mu along each seed's direction. One-sided: the base point, then +mu along each."""
+    scales = np.full(len(seeds), mu)
+    if central:
+        return DirectionProbe(np.concatenate([seeds, seeds]), np.concatenate([scales, -scales]), distribution)
+    return DirectionProbe(np.concatenate([[0], seeds]), np.concatenate([[0.0], scales]), distribution)
+
+
+def decay(x, lr, weight_decay):
+    """Decoupled weight decay of every coordinate (the directional methods move all of them)."""
+    if weight_decay:
+        x *= 1 - lr * weight_decay
+
+
+# ---------------------------------------------------------------- settings
+
+
+def _positive(name, value):
+    check(np.isfinite(value) and value > 0, f"{name} must be > 0, got {value!r}")
+
+
+def _nonnegative(name, value):
+    check(np.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
+
+
+def _count(name, value, low, high=None):
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low and \
+        (high is None or value <= high)
+    bound = f"in [{low}, n={high}]" if high is not None else f">= {low}" if low > 1 else "> 0"
+    check(ok, f"{name} must be an integer {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
-class CoordinateProbe:
-    """Row p is params with params[index[p]] += delta[p]; delta 0 is the unperturbed point."""
-    index: np.ndarray
-    delta: np.ndarray
+class CoordinateSettings:
+    """CoCD / BCCD: lr, eps (finite-difference radius), budget B (coordinates refreshed per step), memory m
+    (buffer slots), gamma (buffer decay; 0 is BCCD), decoupled weight decay, central or one-sided differences."""
+    lr: float
+    eps: float
+    budget: int
+    memory: int
+    gamma: float = 1.0
+    weight_decay: float = 0.0
+    central: bool = True
 
-    def __len__(self):
-        return len(self.index)
+    def validate(self, n):
+        _nonnegative("lr", self.lr)
+        _positive("eps", self.eps)
+        _count("budget", self.budget, 1)
+        _count("memory", self.memory, 1, n)
+        check(np.isfinite(self.gamma) and 0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma!r}")
+        _nonnegative("weight_decay", self.weight_decay)
 
 
 @dataclass(frozen=True)
-class DirectionProbe:
-    """Row p is params + scales[p] * direction(seeds[p], n, distribution)."""
-    seeds: np.ndarray
-    scales: np.ndarray
-    distribution: str
+class DirectionSettings:
+    """SPSA / MeZO / ZO-SGD: lr, mu (perturbation size along a direction), directions per step, weight decay."""
+    lr: float
+    mu: float = 1e-3
+    directions: int = 1
+    weight_decay: float = 0.0
 
-    def __len__(self):
-        return len(self.seeds)
-
-
-def direction(seed, n, distribution, dtype=np.float32):
-    """The length-n direction of a seed: drawn in float64 by PCG64(seed), cast to dtype."""
-    rng = np.random.Generator(np.random.PCG64(int(seed)))
-    if distribution == "normal":
-        return rng.standard_normal(n).astype(dtype, copy=False)
-    if distribution == "rademacher":
-        return (rng.integers(0, 2, n) * 2 - 1).astype(dtype)
-    raise EdgezoError(f"distribution must be 'normal' or 'rademacher', got {distribution!r}")
+    def validate(self, n):
+        _nonnegative("lr", self.lr)
+        _positive("mu", self.mu)
+        _count("directions", self.directions, 1)
+        _nonnegative("weight_decay", self.weight_decay)
 
 
-def perturbed(params, probe, row):
-    """A new array: params moved to the probe's row (never perturbs params in place)."""
-    x = params.copy()
-    if isinstance(probe, CoordinateProbe):
-        x[probe.index[row]] += probe.delta[row]
-    elif probe.scales[row] != 0:
-        x += probe.scales[row] * direction(probe.seeds[row], len(x), probe.distribution, x.dtype)
-    return x
+@dataclass(frozen=True)
+class CGESettings:
+    """DeepZero's CGE: lr, mu (one-sided difference step), budget (coordinates per step), weight decay."""
+    lr: float
+    mu: float
+    budget: int
+    weight_decay: float = 0.0
+
+    def validate(self, n):
+        _nonnegative("lr", self.lr)
+        _positive("mu", self.mu)
+        _count("budget", self.budget, 1, n)
+        _nonnegative("weight_decay", self.weight_decay)
+
+
+# ---------------------------------------------------------------- optimizers
 
 
 def _check_params(params):
@@ -62,24 +160,32 @@ def _check_params(params):
     return params
 
 
-def _positive(name, value):
-    check(np.isfinite(value) and value > 0, f"{name} must be > 0, got {value!r}")
-    return value
-
-
-def _nonnegative(name, value):
-    check(np.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
-    return value
-
-
 class AskTell:
-    """Shared bookkeeping: one pending probe at a time, losses checked before any update."""
+    """Shared bookkeeping: one pending probe at a time, losses checked before any update. Settings are read as
+    attributes (opt.lr) and replaced, not edited, when set (opt.lr = 0.01)."""
+    FIXED = ()  # settings that shape the state: a state_dict with other values does not load
 
-    def __init__(self, params, lr):
+    def __init__(self, params, settings):
         self.params = _check_params(params)
-        self.lr = _nonnegative("lr", lr)
+        settings.validate(params.size)
+        self.settings = settings
         self.steps = 0
         self._pending = None
+
+    def __getattr__(self, name):
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in settings.__dataclass_fields__:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in settings.__dataclass_fields__:
+            value = replace(settings, **{name: value})
+            if all(np.ndim(getattr(value, f.name)) == 0 for f in fields(value)):
+                value.validate(self.params.size)
+            name = "settings"
+        object.__setattr__(self, name, value)
 
     def ask(self):
         if self._pending is not None:
@@ -105,22 +211,30 @@ class AskTell:
         self._pending = None
 
     def state_dict(self):
-        state = {"type": type(self).__name__, "steps": self.steps}
-        state.update(self._state())
-        return state
+        """{"type", "steps", "settings": the hyperparameters, "state": what tell() changes} (JSON scalars and
+        numpy arrays only: a checkpoint stores it without pickle)."""
+        return {"type": type(self).__name__, "steps": self.steps, "settings": asdict(self.settings),
+                "state": self._state()}
 
     def load_state_dict(self, state):
         check(state.get("type") == type(self).__name__,
               f"state_dict is for {state.get('type')!r}, not {type(self).__name__!r}")
-        self._load_state(state)
+        if "settings" not in state:  # written before settings were kept apart: one flat dict
+            names = self.settings.__dataclass_fields__
+            state = {"type": state["type"], "steps": state["steps"],
+                     "settings": {k: v for k, v in state.items() if k in names},
+                     "state": {k: v for k, v in state.items() if k not in names}}
+        saved = state["settings"]
+        for key in self.FIXED:
+            check(saved.get(key, getattr(self.settings, key)) == getattr(self.settings, key),
+                  f"state_dict {key}={saved.get(key)!r} does not match this optimizer's {key}="
+                  f"{getattr(self.settings, key)!r}")
+        kinds = {f.name: f.type for f in fields(self.settings)}
+        restored = {k: v if np.ndim(v) else kinds[k](v) for k, v in saved.items() if k in kinds and k not in self.FIXED}
+        self._load_state(state["state"])
+        self.settings = replace(self.settings, **restored)
         self.steps = int(state["steps"])
         self._pending = None
-
-    def _state(self):
-        return {"lr": self.lr}
-
-    def _load_state(self, state):
-        self.lr = float(state["lr"])
 
 
 class CoCD(AskTell):
@@ -130,73 +244,43 @@ class CoCD(AskTell):
     finite differences, decays the rest by `gamma`, and moves the `memory` most recently refreshed
     coordinates by the buffer (with decoupled weight decay).
     """
+    FIXED = ("budget", "memory", "central")
 
     def __init__(self, params, lr, eps, budget, memory=None, gamma=1.0, weight_decay=0.0,
                  central=True, init_buffer=None):
-        super().__init__(params, lr)
-        n = params.size
-        self.eps = _positive("eps", eps)
-        check(isinstance(budget, (int, np.integer)) and budget > 0, f"budget must be an integer > 0, got {budget!r}")
-        self.budget = int(budget)
-        memory = n if memory is None else memory
-        check(isinstance(memory, (int, np.integer)) and 1 <= memory <= n,
-              f"memory must be an integer in [1, n={n}], got {memory!r}")
-        self.memory = int(memory)
-        check(np.isfinite(gamma) and 0.0 <= gamma <= 1.0, f"gamma must be in [0, 1], got {gamma!r}")
-        self.gamma = float(gamma)
-        self.weight_decay = _nonnegative("weight_decay", weight_decay)
-        self.central = bool(central)
-        self.buffer = np.zeros(self.memory, dtype=params.dtype)
+        n = _check_params(params).size
+        super().__init__(params, CoordinateSettings(lr, eps, budget, n if memory is None else memory, gamma,
+                                                    weight_decay, bool(central)))
+        self.buffer = np.zeros(self.settings.memory, dtype=params.dtype)
         if init_buffer is not None:
             init = np.asarray(init_buffer)
-            check(init.shape == (self.memory,), f"init_buffer must have shape ({self.memory},), got {init.shape}")
+            check(init.shape == (self.settings.memory,),
+                  f"init_buffer must have shape ({self.settings.memory},), got {init.shape}")
             self.buffer[:] = init
         self.refreshed = 0  # K: coordinates refreshed so far
 
     def coordinates(self):
         """The coordinates the next step refreshes, in refresh order."""
-        return (self.refreshed + np.arange(self.budget, dtype=np.int64)) % self.params.size
+        return cycle(self.refreshed, self.settings.budget, self.params.size)
 
     def _make_probe(self):
-        coords = self.coordinates()
-        eps = np.full(self.budget, self.eps, dtype=self.params.dtype)
-        if self.central:
-            return CoordinateProbe(np.concatenate([coords, coords]), np.concatenate([eps, -eps]))
-        return CoordinateProbe(np.concatenate([[0], coords]), np.concatenate([[0], eps]).astype(self.params.dtype))
+        s = self.settings
+        return coordinate_probe(self.coordinates(), s.eps, s.central, self.params.dtype)
 
     def _update(self, probe, losses):
-        n, m, B = self.params.size, self.memory, self.budget
-        if self.central:
-            estimates = (losses[:B] - losses[B:]) / (2 * self.eps)
-        else:
-            estimates = (losses[1:] - losses[0]) / self.eps
-        self.buffer *= self.gamma
-        keep = min(B, m)  # when B > m, later coordinates overwrite earlier slots
-        slots = (self.refreshed + np.arange(B - keep, B)) % m
-        self.buffer[slots] = estimates[B - keep:]
-        self.refreshed += B
-        window = max(0, self.refreshed - m) + np.arange(m)
-        coords, slots = window % n, window % m
-        x = self.params
-        lr, wd = self.lr, self.weight_decay
-        if np.ndim(lr) or np.ndim(wd):  # per-coordinate rates (torch param groups): (n,) arrays
-            lr, wd = np.broadcast_to(lr, (n,))[coords], np.broadcast_to(wd, (n,))[coords]
-        x[coords] = x[coords] * (1 - lr * wd) - lr * self.buffer[slots]
+        s = self.settings
+        remember(self.buffer, self.refreshed, coordinate_estimates(losses, s.eps, s.central), s.gamma)
+        self.refreshed += s.budget
+        coords, slots = window(self.refreshed, s.memory, self.params.size)
+        decayed_step(self.params, coords, self.buffer[slots], s.lr, s.weight_decay)
 
     def _state(self):
-        return {"lr": self.lr, "eps": self.eps, "budget": self.budget, "memory": self.memory,
-                "gamma": self.gamma, "weight_decay": self.weight_decay, "central": self.central,
-                "refreshed": self.refreshed, "buffer": self.buffer.copy()}
+        return {"refreshed": self.refreshed, "buffer": self.buffer.copy()}
 
     def _load_state(self, state):
-        for key in ("budget", "memory", "central"):
-            check(state[key] == getattr(self, key), f"state_dict {key}={state[key]!r} does not match "
-                                                     f"this optimizer's {key}={getattr(self, key)!r}")
         buffer = np.asarray(state["buffer"])
         check(buffer.shape == self.buffer.shape, f"state_dict buffer has shape {buffer.shape}, "
                                                  f"expected {self.buffer.shape}")
-        self.lr, self.eps = float(state["lr"]), float(state["eps"])
-        self.gamma, self.weight_decay = float(state["gamma"]), float(state["weight_decay"])
         self.refreshed = int(state["refreshed"])
         self.buffer[:] = buffer
 
@@ -209,75 +293,63 @@ def BCCD(params, lr, eps, budget, memory=None, weight_decay=0.0, central=True, i
 
 class _Directional(AskTell):
     """Shared by the direction-probe optimizers: fresh seeds per step from a seeded generator."""
+    FIXED = ("directions",)
+    distribution = "normal"
+    central = True
 
-    def __init__(self, params, lr, mu, directions, seed, distribution):
-        super().__init__(params, lr)
-        self.mu = _positive("mu", mu)
-        check(isinstance(directions, (int, np.integer)) and directions >= 1,
-              f"directions must be an integer >= 1, got {directions!r}")
-        self.directions, self.distribution = int(directions), distribution
+    def __init__(self, params, lr, mu=1e-3, directions=1, seed=0, weight_decay=0.0):
+        super().__init__(params, DirectionSettings(lr, mu, directions, weight_decay))
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
-    def _seeds(self):
-        return self.rng.integers(0, 2 ** 63 - 1, self.directions, dtype=np.int64)
+    def _make_probe(self):
+        seeds = self.rng.integers(0, 2 ** 63 - 1, self.settings.directions, dtype=np.int64)
+        return direction_probe(seeds, self.settings.mu, self.distribution, self.central)
 
-    def _central_probe(self):
-        seeds = self._seeds()
-        scales = np.full(self.directions, self.mu)
-        return DirectionProbe(np.concatenate([seeds, seeds]), np.concatenate([scales, -scales]), self.distribution)
-
-    def _apply(self, seeds, coefficients):
-        """params -= lr * sum_k coefficients[k] * z(seeds[k]) / q, regenerating each z from its seed."""
-        for seed, c in zip(seeds, coefficients):
-            self.params -= (self.lr * c / self.directions) * direction(seed, self.params.size, self.distribution,
-                                                                       self.params.dtype)
+    def _update(self, probe, losses):
+        """params -= lr * sum_k c_k z(seed_k) / q, each z regenerated from its seed (nothing n-sized kept)."""
+        s = self.settings
+        q = s.directions
+        decay(self.params, s.lr, s.weight_decay)
+        for seed, c in zip(probe.seeds[:q], (losses[:q] - losses[q:]) / (2 * s.mu)):
+            self.params -= (s.lr * c / q) * direction(seed, self.params.size, self.distribution, self.params.dtype)
 
     def _state(self):
-        return {"lr": self.lr, "mu": self.mu, "directions": self.directions, "rng": json.dumps(self.rng.bit_generator.state)}
+        return {"rng": json.dumps(self.rng.bit_generator.state)}
 
     def _load_state(self, state):
-        self.lr, self.mu = float(state["lr"]), float(state["mu"])
         self.rng.bit_generator.state = json.loads(state["rng"])
 
 
 class SPSA(_Directional):
     """Simultaneous perturbation: central differences along Rademacher directions."""
-
-    def __init__(self, params, lr, mu=1e-3, directions=1, seed=0):
-        super().__init__(params, lr, mu, directions, seed, "rademacher")
-
-    _make_probe = _Directional._central_probe
-
-    def _update(self, probe, losses):
-        q = self.directions
-        self._apply(probe.seeds[:q], (losses[:q] - losses[q:]) / (2 * self.mu))
+    distribution = "rademacher"
 
 
-class MeZOSGD(SPSA):
+class MeZOSGD(_Directional):
     """MeZO-style ZO-SGD: central differences along Gaussian directions regenerated from their seeds;
     nothing n-sized is kept between ask and tell."""
-
-    def __init__(self, params, lr, mu=1e-3, directions=1, seed=0):
-        _Directional.__init__(self, params, lr, mu, directions, seed, "normal")
 
 
 class ZOSGD(_Directional):
     """ZO-SGD (Ghadimi and Lan): one-sided differences along q Gaussian directions with smoothing mu,
     one shared base evaluation. The directions are materialized at ask() and kept until tell()."""
+    central = False
 
-    def __init__(self, params, lr, mu=1e-3, directions=1, seed=0):
-        super().__init__(params, lr, mu, directions, seed, "normal")
+    def __init__(self, params, lr, mu=1e-3, directions=1, seed=0, weight_decay=0.0):
+        super().__init__(params, lr, mu, directions, seed, weight_decay)
         self._directions = None
 
     def _make_probe(self):
-        seeds = self._seeds()
-        self._directions = np.stack([direction(s, self.params.size, "normal", self.params.dtype) for s in seeds])
-        return DirectionProbe(np.concatenate([[0], seeds]), np.concatenate([[0.0], np.full(self.directions, self.mu)]),
-                              "normal")
+        probe = super()._make_probe()
+        self._directions = np.stack([direction(s, self.params.size, "normal", self.params.dtype)
+                                     for s in probe.seeds[1:]])
+        return probe
 
     def _update(self, probe, losses):
-        coefficients = (losses[1:] - losses[0]) / self.mu
-        self.params -= (self.lr / self.directions) * (coefficients.astype(self.params.dtype) @ self._directions)
+        s = self.settings
+        coefficients = (losses[1:] - losses[0]) / s.mu
+        decay(self.params, s.lr, s.weight_decay)
+        self.params -= (s.lr / s.directions) * (coefficients.astype(self.params.dtype) @ self._directions)
         self._directions = None
 
     def discard(self):
@@ -290,27 +362,21 @@ class CGE(AskTell):
     coordinates per step (default all n) with one shared base evaluation, then SGD on them."""
 
     def __init__(self, params, lr, mu=1e-3, budget=None, weight_decay=0.0):
-        super().__init__(params, lr)
-        self.mu = _positive("mu", mu)
-        budget = params.size if budget is None else budget
-        check(isinstance(budget, (int, np.integer)) and 1 <= budget <= params.size,
-              f"budget must be an integer in [1, n={params.size}], got {budget!r}")
-        self.budget, self.weight_decay, self.refreshed = int(budget), _nonnegative("weight_decay", weight_decay), 0
+        n = _check_params(params).size
+        super().__init__(params, CGESettings(lr, mu, n if budget is None else budget, weight_decay))
+        self.refreshed = 0
 
     def _make_probe(self):
-        coords = (self.refreshed + np.arange(self.budget, dtype=np.int64)) % self.params.size
-        delta = np.concatenate([[0], np.full(self.budget, self.mu)]).astype(self.params.dtype)
-        return CoordinateProbe(np.concatenate([[0], coords]), delta)
+        s = self.settings
+        return coordinate_probe(cycle(self.refreshed, s.budget, self.params.size), s.mu, False, self.params.dtype)
 
     def _update(self, probe, losses):
-        coords = probe.index[1:]
-        grad = (losses[1:] - losses[0]) / self.mu
-        x = self.params
-        x[coords] = x[coords] * (1 - self.lr * self.weight_decay) - self.lr * grad
-        self.refreshed += self.budget
+        s = self.settings
+        decayed_step(self.params, probe.index[1:], coordinate_estimates(losses, s.mu, False), s.lr, s.weight_decay)
+        self.refreshed += s.budget
 
     def _state(self):
-        return {"lr": self.lr, "mu": self.mu, "budget": self.budget, "refreshed": self.refreshed}
+        return {"refreshed": self.refreshed}
 
     def _load_state(self, state):
-        self.lr, self.mu, self.refreshed = float(state["lr"]), float(state["mu"]), int(state["refreshed"])
+        self.refreshed = int(state["refreshed"])

@@ -2,176 +2,188 @@
 
     from edgezo.runtime import run
     metrics = run.train("artifact/", "data.npz", "runs/a", epochs=3, lr=0.05, budget=32)
-    metrics = run.resume("runs/a")                      # after an interruption (needs --checkpoint-every)
+    metrics = run.resume("runs/a")                      # after an interruption (needs checkpoint_every)
     run.write_back("runs/a", "adapted.onnx")            # the deployed model with the trained values
 
-A run folder holds config.json (every setting, paths absolute), checkpoint.npz (atomic, when
-checkpoint_every is set), and at the end params.npy, trained.onnx and metrics.json. No torch.
+Settings are the fields of config.RunConfig (keywords, or `config=`). A run reads as prepare (load and check
+everything, write nothing) / restore (a checkpoint, or a new folder with config.json) / fit (the loop, with
+checkpoints) / finish (params.npy, trained.onnx, metrics.json, each atomic). No torch.
 """
 import json
 import sys
 import time
-from argparse import Namespace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from .config import PATHS, RunConfig
 from .errors import EdgezoError, check
 from .files import check_new_folder
 
-OPTIMIZERS = ("cocd", "bccd", "spsa", "zosgd", "mezo", "cge")
 RUN_CONFIG = "config.json"
-PATH_ARGS = ("artifact", "data", "val_data")
-DEFAULTS = {"optimizer": "cocd", "directions": 1, "mu": 1e-3, "lr": 1e-3, "eps": 1e-2, "budget": 64, "memory": None,
-            "gamma": 1.0, "weight_decay": 0.0, "one_sided": False, "batch_size": 64, "epochs": 1, "seed": 0,
-            "val_data": None, "val_fraction": None, "target_columns": None, "device": "auto",
-            "checkpoint_every": None, "resume": None, "divergence_factor": 1e3, "on_divergence": "rollback",
-            "backend": "onnxruntime", "engine": "auto", "engine_memory_mb": 256, "lean_memory": False, "threads": 2}
 
 
-def parse_memory(text, n):
-    """--memory: a count (an integer) or a fraction of n in (0, 1] (a number with a point)."""
+def parse_memory(value, n):
+    """memory: a count (an integer) or a fraction of n in (0, 1] (a float, or a number with a point)."""
+    if isinstance(value, float):
+        value = repr(value)
     try:
-        value = int(text)
+        count = int(value)
     except ValueError:
         try:
-            fraction = float(text)
+            fraction = float(value)
         except ValueError:
-            raise EdgezoError(f"--memory must be a count or a fraction in (0, 1], got {text!r}") from None
-        check(0 < fraction <= 1, f"--memory fraction must be in (0, 1], got {text}")
+            raise EdgezoError(f"--memory must be a count or a fraction in (0, 1], got {value!r}") from None
+        check(0 < fraction <= 1, f"--memory fraction must be in (0, 1], got {value}")
         return max(1, int(round(fraction * n)))
-    check(1 <= value <= n, f"--memory must be in [1, n={n}], got {value}")
-    return value
+    check(1 <= count <= n, f"--memory must be in [1, n={n}], got {count}")
+    return count
 
 
-def make_optimizer(args, params):
+def make_optimizer(config, params):
+    """The optimizer a config names, with the hyperparameters it takes (config.TAKES)."""
     from . import optim
+    h = config.hyper()
     directional = {"spsa": optim.SPSA, "zosgd": optim.ZOSGD, "mezo": optim.MeZOSGD}
-    if args.optimizer in directional:
-        return directional[args.optimizer](params, lr=args.lr, mu=args.mu, directions=args.directions, seed=args.seed)
-    if args.optimizer == "cge":
-        return optim.CGE(params, lr=args.lr, mu=args.mu, budget=args.budget, weight_decay=args.weight_decay)
-    memory = None if args.memory is None else parse_memory(args.memory, params.size)
-    gamma = 0.0 if args.optimizer == "bccd" else args.gamma
-    return optim.CoCD(params, lr=args.lr, eps=args.eps, budget=args.budget, memory=memory, gamma=gamma,
-                      weight_decay=args.weight_decay, central=not args.one_sided)
+    if config.optimizer in directional:
+        return directional[config.optimizer](params, lr=h["lr"], mu=h["mu"], directions=h["directions"],
+                                             seed=config.seed, weight_decay=h["weight_decay"])
+    if config.optimizer == "cge":
+        return optim.CGE(params, lr=h["lr"], mu=h["mu"], budget=h["budget"], weight_decay=h["weight_decay"])
+    memory = None if h["memory"] is None else parse_memory(h["memory"], params.size)
+    gamma = 0.0 if config.optimizer == "bccd" else h["gamma"]
+    return optim.CoCD(params, lr=h["lr"], eps=h["eps"], budget=h["budget"], memory=memory, gamma=gamma,
+                      weight_decay=h["weight_decay"], central=not h["one_sided"])
 
 
 def optimizer_settings(opt):
-    state = opt.state_dict()
-    return {k: v for k, v in state.items() if not isinstance(v, np.ndarray) and k not in ("steps", "refreshed", "rng")}
+    return {"type": type(opt).__name__, **opt.state_dict()["settings"]}
 
 
-def load_train_val(args, manifest):
+def load_train_val(config, manifest):
+    """(train, validation or None) from a config's data, val_data, val_fraction, target_columns and seed."""
     from . import data
-    train = data.load_data(args.data, manifest, args.target_columns)
-    if args.val_data:
-        return train, data.load_data(args.val_data, manifest, args.target_columns)
-    if args.val_fraction:
-        return data.split(train, args.val_fraction, args.seed)
+    train = data.load_data(config.data, manifest, config.target_columns)
+    if config.val_data:
+        return train, data.load_data(config.val_data, manifest, config.target_columns)
+    if config.val_fraction:
+        return data.split(train, config.val_fraction, config.seed)
     return train, None
 
 
-RUN_CONFIG = "config.json"
-PATH_ARGS = ("artifact", "data", "val_data")
+@dataclass
+class Run:
+    """What a run holds while it trains."""
+    config: RunConfig
+    artifact: object
+    params: np.ndarray
+    optimizer: object
+    guard: object
+    train: dict
+    val: object
+    baseline_mb: float
+    resumed: bool = False
+    position: tuple = (0, 0)
+    history: list = field(default_factory=list)
 
 
-def resume_args(args):
-    """The saved arguments of the run folder given to --resume (paths absolute), with --resume kept."""
-    run = Path(args.resume)
-    check(run.is_dir(), f"--resume {run}: not a run folder")
-    try:
-        saved = json.loads((run / RUN_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgezoError(f"--resume {run}: cannot read {RUN_CONFIG} ({type(e).__name__})") from None
-    check((run / "metrics.json").exists() is False, f"--resume {run}: this run already finished")
-    if args.artifact is not None:
-        from .checkpoint import fingerprint
-        check(fingerprint(args.artifact) == saved["fingerprint"],
-              f"--resume {run}: its checkpoint belongs to another artifact than {args.artifact}")
-    return Namespace(**{**saved, "resume": str(run), "out": str(run)})
-
-
-def _train(args, log=print):
-    from . import checkpoint, load_artifact
+def prepare(config, log, resumed=False):
+    """Everything loaded and checked (artifact, optimizer, data); nothing written."""
+    from . import load_artifact
     from .data import check_batch_size, num_rows
-    from .files import save_json
-    from .train import DivergenceGuard, fit
     from .memory import rss_mb
+    from .train import DivergenceGuard
     baseline = rss_mb()
-    if args.resume:
-        args = resume_args(args)
-    else:
-        check(args.artifact is not None and args.data is not None and args.out is not None,
-              "train needs ARTIFACT, --data and --out (or --resume RUN_DIR)")
-        check_new_folder(args.out)
-        for key in PATH_ARGS:
-            if getattr(args, key):
-                setattr(args, key, str(Path(getattr(args, key)).resolve()))
-    check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
-    check(args.checkpoint_every is None or args.checkpoint_every >= 1,
-          f"--checkpoint-every must be >= 1 steps, got {args.checkpoint_every}")
-    artifact = load_artifact(args.artifact, device=args.device, threads=args.threads, backend=args.backend,
-                             engine=getattr(args, "engine", "auto"),
-                             engine_memory_mb=getattr(args, "engine_memory_mb", 256),
-                             lean_memory=getattr(args, "lean_memory", False))
+    config.check()
+    artifact = load_artifact(config.artifact, device=config.device, threads=config.threads, backend=config.backend,
+                             engine=config.engine, engine_memory_mb=config.engine_memory_mb,
+                             lean_memory=config.lean_memory)
     params = artifact.initial_params()
-    opt = make_optimizer(args, params)
-    guard = DivergenceGuard(args.divergence_factor, args.on_divergence, log=log)
-    train, val = load_train_val(args, artifact.manifest)
-    n_rows = num_rows(train)
-    check_batch_size(args.batch_size, n_rows)
-    out = Path(args.out)
-    position, history = (0, 0), []
-    if args.resume:
+    opt = make_optimizer(config, params)
+    guard = DivergenceGuard(config.divergence_factor, config.on_divergence, log=log)
+    train, val = load_train_val(config, artifact.manifest)
+    check_batch_size(config.batch_size, num_rows(train))
+    return Run(config, artifact, params, opt, guard, train, val, baseline, resumed)
+
+
+def restore(run, log):
+    """A resumed run: params, optimizer and position from its checkpoint. A new one: its folder and config.json."""
+    from . import checkpoint
+    from .files import save_json
+    out = Path(run.config.out)
+    if run.resumed:
         saved_params, state, info = checkpoint.load(out)
-        check(saved_params.shape == params.shape and info["fingerprint"] == args.fingerprint,
+        check(saved_params.shape == run.params.shape and info["fingerprint"] == run.config.fingerprint,
               f"--resume {out}: {checkpoint.NAME} does not belong to this run's artifact")
-        params[:] = saved_params
-        opt.load_state_dict(state)
-        position, history = tuple(info["position"]), info["history"]
-        log(f"resuming at epoch {position[0] + 1}, batch {position[1]} (step {opt.steps})")
-    else:
-        from .checkpoint import fingerprint
-        args.fingerprint = fingerprint(args.artifact)
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(out / RUN_CONFIG, {k: v for k, v in vars(args).items() if k not in ("func", "resume")})
-    from .data import batches_per_epoch
-    per_epoch = batches_per_epoch(n_rows, args.batch_size, drop_last=artifact.fixed_batch is not None)
+        run.params[:] = saved_params
+        run.optimizer.load_state_dict(state)
+        run.position, run.history = tuple(info["position"]), info["history"]
+        log(f"resuming at epoch {run.position[0] + 1}, batch {run.position[1]} (step {run.optimizer.steps})")
+        return
+    run.config.fingerprint = checkpoint.fingerprint(run.config.artifact)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / RUN_CONFIG, run.config.to_json())
+
+
+def fit_run(run, log):
+    """The epochs, with a checkpoint every config.checkpoint_every steps; returns the training loop's seconds."""
+    from . import checkpoint
+    from .data import batches_per_epoch, num_rows
+    from .train import fit
+    config, opt, out = run.config, run.optimizer, Path(run.config.out)
+    per_epoch = batches_per_epoch(num_rows(run.train), config.batch_size,
+                                  drop_last=run.artifact.fixed_batch is not None)
 
     def on_step(epoch, b, result):
-        if args.checkpoint_every and opt.steps % args.checkpoint_every == 0 and not result.diverged:
+        if config.checkpoint_every and opt.steps % config.checkpoint_every == 0 and not result.diverged:
             nxt = (epoch, b + 1) if b + 1 < per_epoch else (epoch + 1, 0)
-            checkpoint.save(out, params, opt.state_dict(),
-                            {"position": nxt, "history": history, "fingerprint": args.fingerprint})
+            checkpoint.save(out, run.params, opt.state_dict(),
+                            {"position": nxt, "history": run.history, "fingerprint": config.fingerprint})
 
-    log(f"training {artifact.num_params} params on {n_rows} rows with {args.optimizer} "
-        f"({', '.join(f'{k}={v}' for k, v in optimizer_settings(opt).items() if k != 'type')}) "
-        f"on {artifact.device} via {artifact.backend}")
-    artifact.fast_engine()
-    if artifact.engine_note:
-        log(artifact.engine_note)
+    settings = ", ".join(f"{k}={v}" for k, v in optimizer_settings(opt).items() if k != "type")
+    log(f"training {run.artifact.num_params} params on {num_rows(run.train)} rows with {config.optimizer} "
+        f"({settings}) on {run.artifact.device} via {run.artifact.backend}")
+    run.artifact.fast_engine()
+    if run.artifact.engine_note:
+        log(run.artifact.engine_note)
     start = time.perf_counter()
-    fit(artifact, opt, train, args.batch_size, args.epochs, seed=args.seed, val_data=val,
-        log=log, start_epoch=position[0], start_batch=position[1],
-        on_step=on_step, on_epoch=history.append, guard=guard)
-    metrics = {"optimizer": args.optimizer, "settings": optimizer_settings(opt), "steps": opt.steps,
-               "device": artifact.device, "seconds": time.perf_counter() - start, "history": history,
-               "divergence_events": guard.events, "resumed": bool(args.resume), "backend": artifact.backend,
+    fit(run.artifact, opt, run.train, config.batch_size, config.epochs, seed=config.seed, val_data=run.val,
+        log=log, start_epoch=run.position[0], start_batch=run.position[1],
+        on_step=on_step, on_epoch=run.history.append, guard=run.guard)
+    return time.perf_counter() - start
+
+
+def finish(run, seconds, log):
+    artifact, opt = run.artifact, run.optimizer
+    metrics = {"optimizer": run.config.optimizer, "settings": optimizer_settings(opt), "steps": opt.steps,
+               "device": artifact.device, "seconds": seconds, "history": run.history,
+               "divergence_events": run.guard.events, "resumed": run.resumed, "backend": artifact.backend,
                "engine": "naive" if artifact.fast_engine() is None else artifact.engine_name,
-               "engine_paths": artifact.tensor_paths() if artifact.backend == "onnxruntime" else {}}
-    metrics["rss_baseline_mb"] = baseline
-    return write_run(args, artifact.file("inference"), artifact.manifest, params, metrics, log)
+               "engine_paths": artifact.tensor_paths() if artifact.backend == "onnxruntime" else {},
+               "rss_baseline_mb": run.baseline_mb}
+    if artifact.backend == "onnxruntime":
+        metrics["paths_taken"] = artifact.paths_taken()
+    c = run.config
+    return write_run(c.out, c.artifact, c.batch_size, c.epochs, c.seed, artifact.file("inference"),
+                     artifact.manifest, run.params, metrics, log)
 
 
-def write_run(args, inference_path, manifest, params, metrics, log=print):
+def execute(config, log=print, resumed=False):
+    """prepare / restore / fit / finish; returns metrics.json's content."""
+    run = prepare(config, log, resumed)
+    restore(run, log)
+    return finish(run, fit_run(run, log), log)
+
+
+def write_run(out, artifact, batch_size, epochs, seed, inference_path, manifest, params, metrics, log=print):
     """params.npy, trained.onnx and metrics.json into the run folder, each written atomically."""
-    from .memory import peak_rss_mb
     from .files import save_json, save_npy
+    from .memory import peak_rss_mb
     from .writeback import write_back
-    out = Path(args.out)
-    metrics = {"artifact": str(Path(args.artifact).resolve()), **metrics, "batch_size": args.batch_size,
-               "epochs": args.epochs, "seed": args.seed, "peak_rss_mb": peak_rss_mb(),
+    out = Path(out)
+    metrics = {"artifact": str(Path(artifact).resolve()), **metrics, "batch_size": batch_size,
+               "epochs": epochs, "seed": seed, "peak_rss_mb": peak_rss_mb(),
                "torch_imported": sys.modules.get("torch") is not None}
     if "rss_baseline_mb" in metrics:  # the rise over the process's size after its imports
         metrics["rss_rise_mb"] = metrics["peak_rss_mb"] - metrics["rss_baseline_mb"]
@@ -185,21 +197,36 @@ def write_run(args, inference_path, manifest, params, metrics, log=print):
     return metrics
 
 
+def train(artifact=None, data=None, out=None, config=None, log=print, **settings):
+    """Train `artifact` on `data` into the new run folder `out`. Settings: a RunConfig (`config=`) and/or its
+    fields as keywords (optimizer, lr, eps, budget, memory, gamma, weight_decay, batch_size, epochs, val_data,
+    checkpoint_every, engine, ...). Returns metrics.json's content."""
+    names = {f.name for f in fields(RunConfig)} - {"fingerprint"}
+    unknown = sorted(set(settings) - names)
+    check(not unknown, f"unknown training setting {unknown[0] if unknown else ''!r}; see runtime.config.RunConfig")
+    given = {k: str(v) for k, v in dict(artifact=artifact, data=data, out=out).items() if v is not None}
+    config = replace(config or RunConfig(), **given, **settings)
+    check(config.artifact is not None and config.data is not None and config.out is not None,
+          "train needs ARTIFACT, --data and --out (or --resume RUN_DIR)")
+    check_new_folder(config.out)
+    config = replace(config, **{k: str(Path(getattr(config, k)).resolve()) for k in PATHS if getattr(config, k)})
+    return execute(config, log)
 
-def train(artifact, data, out, log=print, **settings):
-    """Train `artifact` on `data` into the new run folder `out` (settings as the CLI's flags, underscored:
-    optimizer, lr, eps, budget, memory, gamma, weight_decay, batch_size, epochs, val_data, checkpoint_every,
-    engine, ...). Returns metrics.json's content."""
-    unknown = sorted(set(settings) - set(DEFAULTS))
-    check(not unknown, f"unknown training setting {unknown[0] if unknown else ''!r}; see run.DEFAULTS")
-    from .files import check_new_folder
-    check_new_folder(out)
-    return _train(Namespace(**dict(DEFAULTS, **settings, artifact=str(artifact), data=str(data), out=str(out))), log)
 
-
-def resume(run_dir, log=print):
+def resume(run_dir, artifact=None, log=print):
     """Continue the run in `run_dir` from its checkpoint, bit-identically; returns metrics.json's content."""
-    return _train(Namespace(**dict(DEFAULTS, artifact=None, resume=str(run_dir))), log)
+    run_dir = Path(run_dir)
+    check(run_dir.is_dir(), f"--resume {run_dir}: not a run folder")
+    try:
+        saved = json.loads((run_dir / RUN_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgezoError(f"--resume {run_dir}: cannot read {RUN_CONFIG} ({type(e).__name__})") from None
+    check((run_dir / "metrics.json").exists() is False, f"--resume {run_dir}: this run already finished")
+    if artifact is not None:
+        from .checkpoint import fingerprint
+        check(fingerprint(artifact) == saved["fingerprint"],
+              f"--resume {run_dir}: its checkpoint belongs to another artifact than {artifact}")
+    return execute(replace(RunConfig.from_json(saved), out=str(run_dir)), log, resumed=True)
 
 
 def write_back(run_dir, out, artifact=None):

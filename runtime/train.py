@@ -6,7 +6,7 @@ batches (so on-device data can arrive as it is recorded), yielding one `StepResu
 """
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -65,8 +65,8 @@ class DivergenceGuard:
         optimizer.params[:] = params
         optimizer.load_state_dict(state)
         note = "rolled back to the last good state"
-        if self.action == "halve-lr":
-            optimizer.lr /= 2
+        if self.action == "halve-lr":  # new settings; the state stays the restored one
+            optimizer.settings = replace(optimizer.settings, lr=optimizer.settings.lr / 2)
             note += f", lr halved to {optimizer.lr:.3g}"
         if self.log:
             self.log(f"divergence at step {optimizer.steps + 1} ({reason}): {note}")

@@ -55,7 +55,10 @@ def test_state_dict_round_trip_is_exact():
     run(a, f, 6)
     run(b, f, 6)
     assert np.array_equal(a.params, b.params) and np.array_equal(a.buffer, b.buffer)
-    assert all(isinstance(v, (int, float, bool, str, np.ndarray)) for v in state.values())
+    assert set(state) == {"type", "steps", "settings", "state"}  # hyperparameters apart from what tell() changes
+    assert state["settings"] == dict(lr=0.05, eps=1e-2, budget=7, memory=9, gamma=0.95, weight_decay=1e-3, central=True)
+    assert all(isinstance(v, (int, float, bool, str, np.ndarray)) for v in (*state["settings"].values(),
+                                                                            *state["state"].values()))
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -94,3 +97,24 @@ def test_bad_tell_changes_nothing():
         assert opt.refreshed == before[2]
     opt.tell([2.0, 1.0, 1.0, 2.0])  # the probe is still pending and can be told
     assert opt.refreshed == 2 and len(probe) == 4
+
+
+def test_settings_are_replaced_never_edited():
+    opt = CoCD(np.ones(20), lr=0.05, eps=1e-2, budget=4, gamma=0.9)
+    before, buffer = opt.settings, opt.buffer
+    opt.lr = 0.01  # shorthand for replacing the settings object
+    assert opt.settings is not before and before.lr == 0.05 and opt.settings.lr == 0.01 and opt.lr == 0.01
+    assert opt.buffer is buffer and opt.settings.gamma == 0.9
+    with pytest.raises(EdgezoError, match="gamma"):
+        opt.gamma = 2.0
+    assert opt.settings.gamma == 0.9
+
+
+def test_old_flat_state_dicts_load():
+    a = CoCD(np.ones(20), lr=0.05, eps=1e-2, budget=7, memory=9, gamma=0.95)
+    run(a, quadratic(), 3)
+    new = a.state_dict()
+    flat = {"type": "CoCD", "steps": new["steps"], **new["settings"], **new["state"]}  # as written before
+    b = CoCD(a.params.copy(), lr=1.0, eps=1.0, budget=7, memory=9)
+    b.load_state_dict(flat)
+    assert b.settings == a.settings and b.refreshed == a.refreshed and np.array_equal(b.buffer, a.buffer)

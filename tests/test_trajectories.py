@@ -24,3 +24,25 @@ def test_trajectory_is_bit_identical(replayed, name):
         diff = np.flatnonzero(replayed[key] != recorded[key])
         assert diff.size == 0, f"{key}: {diff.size} values differ, first at {diff[0]} " \
                                f"({replayed[key].flat[diff[0]]!r} vs {recorded[key].flat[diff[0]]!r})"
+
+
+@pytest.mark.parametrize("name", ["mlp-cocd", "mlp-mezo", "mlp-cge"])
+def test_checkpoints_written_before_the_change_resume_bit_identically(tmp_path, name):
+    """config.json (version 1: every flag, the ones its optimizer ignored too) and checkpoint.npz (optimizer
+    settings and state in one flat dict) as 5af24f5 wrote them at step 14 of 16; resumed with this tree's code,
+    the run ends on the recorded trajectory."""
+    import json
+    import shutil
+    from trajectories import artifacts, datasets
+    from edgezo.runtime import run
+    data, arts = datasets(tmp_path), artifacts(tmp_path)
+    folder = tmp_path / "run"
+    shutil.copytree(RECORDED.parent / "legacy" / name, folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert "config_version" not in config and "eps" in config  # the old format, as written
+    config.update(artifact=str(arts["mlp"]), data=str(data["mlp"]), out=str(folder))
+    (folder / "config.json").write_text(json.dumps(config))
+    lines = []
+    metrics = run.resume(folder, log=lines.append)
+    assert metrics["steps"] == 16 and metrics["resumed"] and "resuming at epoch 2, batch 6 (step 14)" in lines
+    assert np.array_equal(np.load(folder / "params.npy"), np.load(RECORDED)[f"{name}/params"])

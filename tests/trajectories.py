@@ -1,6 +1,7 @@
 """Short training runs whose every bit is recorded: a refactor must leave them bit-identical.
 
-    python tests/trajectories.py OUT.npz     # record with the code on PYTHONPATH (the commit before a change)
+    python tests/trajectories.py OUT.npz [LEGACY_DIR]   # record with the code on PYTHONPATH (the commit before
+                                                        # a change); LEGACY_DIR: its run folders' checkpoints too
 
 tests/test_trajectories.py replays them with this tree's code and compares params and losses exactly. The runs
 use only run.train's keyword settings, which every version since the run folder accepts; each run trains on
@@ -50,7 +51,10 @@ def artifacts(folder):
     return {"mlp": mlp, "cnn": cnn}
 
 
-def run_all(folder, names=RUNS):
+LEGACY = ("mlp-cocd", "mlp-mezo", "mlp-cge")  # runs whose checkpoint (at step 14 of 16) is kept as written
+
+
+def run_all(folder, names=RUNS, checkpoint_every=None):
     """{name/params: final params, name/losses: per-epoch train losses} for each run."""
     from edgezo.runtime import run
     folder = Path(folder)
@@ -60,13 +64,27 @@ def run_all(folder, names=RUNS):
         model, settings = RUNS[name]
         epochs, batch = (2, 32) if model == "mlp" else (1, 32)
         metrics = run.train(arts[model], data[model], folder / name, log=lambda *a: None, epochs=epochs, batch_size=batch,
-                            seed=0, **settings)
+                            seed=0, checkpoint_every=checkpoint_every if name in LEGACY else None, **settings)
         out[f"{name}/params"] = np.load(folder / name / "params.npy")
         out[f"{name}/losses"] = np.array([r["train_loss"] for r in metrics["history"]])
     return out
 
 
+def keep_checkpoints(folder, legacy):
+    """Each LEGACY run's config.json (its artifact and data paths as {artifact} and {data}) and checkpoint.npz."""
+    import json
+    import shutil
+    for name in LEGACY:
+        (legacy / name).mkdir(parents=True, exist_ok=True)
+        config = json.loads((folder / name / "config.json").read_text())
+        config.update(artifact="{artifact}", data="{data}", out="{out}")
+        (legacy / name / "config.json").write_text(json.dumps(config, indent=1))
+        shutil.copy(folder / name / "checkpoint.npz", legacy / name / "checkpoint.npz")
+
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
-        np.savez(sys.argv[1], **run_all(tmp))
-    print(f"wrote {sys.argv[1]}")
+        np.savez(sys.argv[1], **run_all(tmp, checkpoint_every=7 if len(sys.argv) > 2 else None))
+        if len(sys.argv) > 2:
+            keep_checkpoints(Path(tmp), Path(sys.argv[2]))
+    print(f"wrote {sys.argv[1:]}")

@@ -7,7 +7,7 @@ from enum import Enum
 
 import numpy as np
 
-from ..optim import CoordinateProbe
+from ..probes import CoordinateProbe
 from .graph import Unsupported
 
 

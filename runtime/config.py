@@ -1,0 +1,128 @@
+"""The one run config: every setting of `edgezo train` as a dataclass field. The CLI builds its flags, defaults,
+choices and help from these fields; the Python API (`run.train(..., lr=0.05)` or `run.train(config=...)`) takes
+the same names. Optimizer hyperparameters default to None, "not given": each optimizer takes the ones it uses
+(TAKES) with their defaults (HYPER), and a given one that it does not use is refused with one line."""
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .errors import EdgezoError, check
+
+OPTIMIZERS = ("cocd", "bccd", "spsa", "zosgd", "mezo", "cge")
+HYPER = {"lr": 1e-3, "eps": 1e-2, "budget": 64, "memory": None, "gamma": 1.0, "weight_decay": 0.0,
+         "one_sided": False, "mu": 1e-3, "directions": 1}
+_DIRECTIONAL = ("lr", "mu", "directions", "weight_decay")
+TAKES = {"cocd": ("lr", "eps", "budget", "memory", "gamma", "weight_decay", "one_sided"),
+         "bccd": ("lr", "eps", "budget", "memory", "weight_decay", "one_sided"),
+         "spsa": _DIRECTIONAL, "mezo": _DIRECTIONAL, "zosgd": _DIRECTIONAL,
+         "cge": ("lr", "mu", "budget", "weight_decay")}
+PATHS = ("artifact", "data", "val_data")
+VERSION = 2  # config.json: 1 (no "config_version"): every flag written, the ones an optimizer ignored included
+
+
+def _flag(help, **kw):
+    return field(default=kw.pop("default", None), metadata=dict(help=help, **kw))
+
+
+@dataclass
+class RunConfig:
+    artifact: str = _flag("artifact folder (from edgezo export / export-onnx)", positional=True)
+    data: str = _flag(".npz/.npy/.csv/.mat/IDX/CIFAR-10 training data")
+    val_data: str = _flag("validation data, same formats")
+    val_fraction: float = _flag("hold out this fraction of --data for validation")
+    target_columns: int = _flag("for .csv data: how many last columns are targets")
+    out: str = _flag("run folder to create (metrics.json, params.npy, trained.onnx)")
+    optimizer: str = _flag("cocd; bccd (cocd with gamma 0); spsa, zosgd, mezo (direction probes: --directions, "
+                           "--mu); cge (DeepZero coordinate estimate: --budget, --mu)", default="cocd",
+                           choices=OPTIMIZERS)
+    lr: float = _flag(f"learning rate (default {HYPER['lr']})")
+    eps: float = _flag(f"cocd/bccd: finite-difference radius (default {HYPER['eps']})")
+    budget: int = _flag(f"cocd/bccd/cge: B, coordinates refreshed per step, 2B evaluations (default "
+                        f"{HYPER['budget']})")
+    memory: str = _flag("cocd/bccd: m, gradient buffer size, a count or a fraction of n in (0, 1] (default n)")
+    gamma: float = _flag("cocd: buffer decay in [0, 1]; 0 is BCCD (default 1.0)")
+    weight_decay: float = _flag("decoupled weight decay (default 0)")
+    one_sided: bool = _flag("cocd/bccd: one-sided differences (B+1 evaluations a step)", flag=True)
+    directions: int = _flag("spsa/zosgd/mezo: directions per step (default 1)")
+    mu: float = _flag(f"spsa/zosgd/mezo/cge: perturbation size (default {HYPER['mu']})")
+    batch_size: int = _flag("rows per step", default=64)
+    epochs: int = _flag("passes over --data", default=1)
+    seed: int = _flag("data order, validation split and direction seeds", default=0)
+    device: str = _flag("where onnxruntime runs; cuda fails clearly unless its provider is really active",
+                        default="auto", choices=("auto", "cpu", "cuda"))
+    threads: int = _flag("onnxruntime threads (fixed, so results do not depend on the machine's load)", default=2)
+    backend: str = _flag("onnxruntime (loss.onnx, torch-free) or executorch (model.pte; its runtime needs torch)",
+                         default="onnxruntime", choices=("onnxruntime", "executorch"))
+    engine: str = _flag("how a probe's losses are evaluated: auto (fastest exact path: prefix reuse and delta "
+                        "propagation), batched (prefix reuse, copies batched), naive (one runtime call per point)",
+                        default="auto", choices=("auto", "batched", "naive"))
+    engine_memory_mb: float = _flag("cap on the engine's extra activation memory per chunk of copies", default=256)
+    lean_memory: bool = _flag("return freed activations to the OS at once (glibc): a lower peak RSS (ResNet-20 "
+                              "engine at batch 128: 121 vs 228 MiB rise) for some speed (the MNIST CNN engine: 2x "
+                              "slower)", default=False, flag=True)
+    checkpoint_every: int = _flag("write RUN/checkpoint.npz atomically every N steps")
+    divergence_factor: float = _flag("a mean probe loss above this times the best so far counts as divergence",
+                                     default=1e3)
+    on_divergence: str = _flag("what to do on a non-finite or diverging loss", default="rollback",
+                               choices=("stop", "rollback", "halve-lr"))
+    fingerprint: str = field(default=None, metadata=dict(internal=True))  # sha256 of the artifact, set at start
+
+    def check(self):
+        """One-line errors for settings that cannot run; nothing is changed."""
+        check(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        ignored = [k for k in HYPER if k not in TAKES[self.optimizer] and getattr(self, k) not in (None, False)]
+        if ignored:
+            flag = "--" + ignored[0].replace("_", "-")
+            why = " (bccd is cocd with gamma 0: use --optimizer cocd --gamma G)" if ignored[0] == "gamma" else ""
+            raise EdgezoError(f"{flag} does not apply to --optimizer {self.optimizer}{why}; it takes "
+                              f"{', '.join('--' + k.replace('_', '-') for k in TAKES[self.optimizer])}")
+        check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        check(self.checkpoint_every is None or self.checkpoint_every >= 1,
+              f"--checkpoint-every must be >= 1 steps, got {self.checkpoint_every}")
+        return self
+
+    def hyper(self):
+        """The optimizer's hyperparameters: given values, else the defaults (HYPER), for those it takes."""
+        return {k: HYPER[k] if getattr(self, k) is None else getattr(self, k) for k in TAKES[self.optimizer]}
+
+    def to_json(self):
+        return dict(asdict(self), config_version=VERSION)
+
+    @classmethod
+    def from_json(cls, saved):
+        """A config.json's settings. Version 1 wrote every flag: the ones its optimizer ignored are dropped (that
+        run ignored them too), so an old run resumes as it ran."""
+        names = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in saved.items() if k in names})
+        if saved.get("config_version", 1) == 1:
+            config = replace(config, **{k: None for k in HYPER if k not in TAKES[config.optimizer]})
+        return config
+
+
+def flags(config_class=RunConfig):
+    """(name, argparse keyword arguments, positional) per settable field: what the CLI adds for each."""
+    for f in fields(config_class):
+        meta = f.metadata
+        if meta.get("internal"):
+            continue
+        kw = {"help": meta["help"]}
+        if meta.get("flag"):
+            kw["action"] = "store_true"
+            kw["default"] = f.default
+        else:
+            kw["type"] = {"float": float, "int": int}.get(getattr(f.type, "__name__", f.type), str)
+            kw["default"] = f.default
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+        if meta.get("positional"):
+            kw["nargs"] = "?"
+        yield f.name, kw, bool(meta.get("positional"))
+
+
+def add_flags(parser, config_class=RunConfig, skip=()):
+    for name, kw, positional in flags(config_class):
+        if name not in skip:
+            parser.add_argument(name if positional else "--" + name.replace("_", "-"), **kw)
+
+
+def from_namespace(args, config_class=RunConfig):
+    """The config of parsed CLI arguments (the fields only)."""
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)})
