@@ -33,16 +33,17 @@ def write_json(name, result, quiet=False):
 
 
 def deployed_artifact(model, selection, **kwargs):
-    """A deployed-architecture file (exporters/deployed.py) imported with export-onnx for one selection
+    """A deployed-architecture file (benchmarks/deployed.py) imported with export-onnx for one selection
     (head / block / all), made once in a subprocess."""
     tag = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items())) or "default"
     path = ARTIFACTS / f"deployed-{model}-{tag}-{selection}"
     if not (path / "manifest.json").exists():
         print(f"exporting {model} ({tag}, {selection}) to {path} ...", flush=True)
-        code = ("import sys, json; from pathlib import Path; from edgezo.exporters import deployed; "
+        code = ("import sys, json; from pathlib import Path; import deployed; "
                 "from edgezo.exporters.onnx_import import export_onnx; "
                 "out, model, sel, kw = Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]); "
                 "src = out.parent / (out.name + '.onnx'); deployed.export(model, src, **kw); "
                 "export_onnx(src, out, 'cross_entropy', trainable=deployed.SELECTIONS[model][sel])")
-        subprocess.run([sys.executable, "-c", code, str(path), model, selection, json.dumps(kwargs)], check=True)
+        subprocess.run([sys.executable, "-c", code, str(path), model, selection, json.dumps(kwargs)], check=True,
+                       cwd=Path(__file__).parent)  # deployed.py is a benchmark model, not part of the package
     return path

@@ -1,7 +1,7 @@
 """ms per CoCD step: edgezo's engine (auto, batched) vs the naive path vs an eager torch loop as the
 authors' reference does it (in place +eps, -2eps, +eps; one forward each), measured side by side.
 
-Deployed architectures (exporters/deployed.py, imported with export-onnx; CoCD B = 16): MobileNetV3-small-like
+Deployed architectures (benchmarks/deployed.py, imported with export-onnx; CoCD B = 16): MobileNetV3-small-like
 at 96 px batch 32 and 224 px batch 16, ResNet-18-like at 64 px batch 32, a 2-block transformer encoder at batch
 32, each with the head (the last Linear) or the last block and head trainable: auto, batched, naive and one
 plain forward of the deployed model (onnxruntime), on steps spread across the cycle (naive on a row sample).

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from .runtime.errors import EdgezoError, check
+from .exporters.config import ExportConfig, Selection
 from .runtime.config import RunConfig, add_flags, from_namespace
 from .runtime.run import load_train_val, write_run
 
@@ -17,10 +18,10 @@ def prepare_out(out):
 
 def cmd_export(args):
     from .exporters.models import builtin
-    from .exporters.torch_export import export_module, select_parameters
+    from .exporters.torch_export import export_module
     prepare_out(args.out)
     model, x, y, loss = builtin(args.model, seed=args.seed, batch=args.batch_size)
-    names = select_parameters(model, args.trainable, args.last_layers, args.norms, args.biases)
+    selection = from_namespace(args, Selection)
     formats = ("onnx", "pte") if args.pte else ("onnx",)
     if args.lora:  # adapters live in the ONNX graph: export the frozen model, then add them as export-onnx does
         import tempfile
@@ -32,7 +33,7 @@ def cmd_export(args):
                                last_layers=args.last_layers, norms=args.norms, biases=args.biases, lora=args.lora,
                                lora_targets_glob=args.lora_targets, seed=args.seed)
     else:
-        path = export_module(model, x, y, loss, args.out, trainable=names, formats=formats)
+        path = export_module(model, x, y, loss, args.out, formats=formats, select=selection)
     from .runtime.manifest import read
     print(f"exported {args.model} ({read(Path(path) / 'manifest.json')['num_params']} trainable params) to {path}")
 
@@ -90,10 +91,8 @@ def cmd_export_onnx(args):
         return
     check(args.out is not None, "export-onnx needs --out (or --list)")
     prepare_out(args.out)
-    path = export_onnx(args.model, args.out, args.loss, trainable=args.trainable, last_layers=args.last_layers,
-                       output=args.output, norms=args.norms, biases=args.biases, lora=args.lora,
-                       lora_targets_glob=args.lora_targets, num_classes=args.num_classes, fix_input=args.fix_input,
-                       batch_axis=args.batch_axis, seed=args.seed, log=lambda line: print(line, flush=True))
+    path = export_onnx(args.model, args.out, config=from_namespace(args, ExportConfig),
+                       log=lambda line: print(line, flush=True))
     from .runtime.manifest import read
     manifest = read(Path(path) / "manifest.json")
     names = [t["name"] for t in manifest["trainable"]]
@@ -143,19 +142,6 @@ def cmd_demo(args):
         run_adapt_demo(args.out, args.epochs or 20)
 
 
-def add_selection_flags(p):
-    """What to train, shared by export and export-onnx (combinable: their union trains)."""
-    p.add_argument("--trainable", nargs="+", metavar="PATTERN",
-                   help="glob patterns of tensors to train (matched against Identity aliases' names too)")
-    p.add_argument("--last-layers", type=int, metavar="K", help="train the last K Gemm/MatMul/Conv layers")
-    p.add_argument("--norms", action="store_true", help="train BatchNorm/LayerNorm scale and shift")
-    p.add_argument("--biases", action="store_true", help="train every bias (BitFit)")
-    p.add_argument("--lora", type=int, metavar="RANK",
-                   help="train low-rank adapters (A [r, in], B [out, r], B = 0 at start) beside the frozen "
-                   "Gemm/MatMul/Conv weights; write-back merges them into the weights")
-    p.add_argument("--lora-targets", metavar="GLOB", help="--lora: only the layers whose weight or node name matches")
-
-
 def build_parser():
     parser = argparse.ArgumentParser(prog="edgezo", description="Forward-only on-device training (CoCD).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,7 +152,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="weight initialization seed")
     p.add_argument("--pte", action="store_true", help="also write model.pte (ExecuTorch)")
     p.add_argument("--batch-size", type=int, default=64, help="example batch; the fixed batch of model.pte")
-    add_selection_flags(p)
+    add_flags(p, Selection)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("export-onnx", help="make an artifact from an ONNX inference model (no torch)",
@@ -175,20 +161,7 @@ def build_parser():
                        "the tensors and what each preset would train.")
     p.add_argument("model", help="the deployed model, an .onnx file (any opset >= 7; Constant-node weights are "
                    "trainable too)")
-    add_selection_flags(p)
-    p.add_argument("--num-classes", type=int, metavar="K",
-                   help="replace the final classifier layer with a fresh, seeded one for K classes")
-    p.add_argument("--seed", type=int, default=0, help="--lora and --num-classes initialization seed")
-    p.add_argument("--loss", choices=("mse", "cross_entropy", "binary_cross_entropy"),
-                   help="default: cross_entropy on the logits for a Softmax/LogSoftmax output, binary_cross_entropy "
-                   "on the logits for a Sigmoid output; required otherwise")
-    p.add_argument("--output", help="which model output the loss uses (default: the first)")
-    p.add_argument("--fix-input", nargs="+", metavar="NAME=VALUE", default=[],
-                   help="fix a non-data input (a recurrent state, a sample rate) to a number or a .npy file; "
-                   "broadcast along the batch axis where the input has one")
-    p.add_argument("--batch-axis", nargs="+", metavar="NAME=AXIS", default=[],
-                   help="the batch axis of an input or output (default: found from the data input's first "
-                   "symbolic dimension); data files are always batch-first")
+    add_flags(p, ExportConfig)  # exporters.config.ExportConfig: the flags are its fields
     p.add_argument("--list", action="store_true", help="print the model's tensors and what each preset trains")
     p.add_argument("--out", help="artifact folder to create")
     p.set_defaults(func=cmd_export_onnx)

@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..runtime.errors import EdgezoError, check
+from ..runtime.loss import loss_nodes
 from . import onnx_prepare as prep
 from .lora import add_lora, lora_targets
 from .onnx_graph import build_manifest, check_model, flatten_trainable, tensor_entry, value_info, write_artifact
@@ -219,35 +220,10 @@ def new_head(model, classes, seed=0):
     return model
 
 
-def _loss_nodes(loss, scores, rank, opset):
-    """Nodes computing the per-sample 'losses' [batch] from `scores` (output or logits, of rank `rank`) and the
-    target, and the scalar 'loss', their mean."""
-    def row_mean(each):  # mean over every axis but the batch
-        if rank == 1:
-            return [helper.make_node("Identity", [each], ["losses"])]
-        axes = list(range(1, rank))
-        if opset >= 18:
-            return [helper.make_node("Constant", [], ["loss__axes"], value=numpy_helper.from_array(
-                        np.array(axes, np.int64), "loss__axes")),
-                    helper.make_node("ReduceMean", [each, "loss__axes"], ["losses"], keepdims=0)]
-        return [helper.make_node("ReduceMean", [each], ["losses"], axes=axes, keepdims=0)]
-    mean = [helper.make_node("ReduceMean", ["losses"], ["loss"], keepdims=0)]
-    if loss == "mse":
-        return [helper.make_node("Sub", [scores, TARGET], ["loss__diff"]),
-                helper.make_node("Mul", ["loss__diff", "loss__diff"], ["loss__sq"])] + row_mean("loss__sq") + mean
-    if loss == "cross_entropy":
-        return [helper.make_node("SoftmaxCrossEntropyLoss", [scores, TARGET], ["losses"], reduction="none")] + mean
-    # binary cross-entropy on logits z: max(z, 0) - z y + log(1 + exp(-|z|))
-    return [helper.make_node("Relu", [scores], ["loss__pos"]), helper.make_node("Mul", [scores, TARGET], ["loss__zy"]),
-            helper.make_node("Abs", [scores], ["loss__abs"]), helper.make_node("Neg", ["loss__abs"], ["loss__neg"]),
-            helper.make_node("Softplus", ["loss__neg"], ["loss__sp"]),
-            helper.make_node("Sub", ["loss__pos", "loss__zy"], ["loss__a"]),
-            helper.make_node("Add", ["loss__a", "loss__sp"], ["loss__each"])] + row_mean("loss__each") + mean
-
-
-def append_loss(model, loss, output, head):
-    """A copy of `model` with a target input and a scalar 'loss' output before the model's output.
-    `head`: (kind, logits, op) from onnx_prepare.output_head, or None (the loss reads the output)."""
+def append_loss(model, loss, output, head, target_name=TARGET):
+    """A copy of `model` with a target input and the loss graph of runtime/loss.py: outputs 'loss', the model's
+    output, 'losses' (per sample). `head`: (kind, logits, op) from onnx_prepare.output_head, or None (the loss
+    reads the output)."""
     model = prep.copy(model)
     graph = model.graph
     scores = head[1] if head else output
@@ -258,11 +234,11 @@ def append_loss(model, loss, output, head):
         check(len(out_shape) == 2 and isinstance(out_shape[1], int),
               f"--loss cross_entropy needs an output of shape [batch, classes]; {output!r} has {out_shape}")
         classes = out_shape[1]
-        target = helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["batch"])
+        target = helper.make_tensor_value_info(target_name, TensorProto.INT64, ["batch"])
     else:
-        target = helper.make_tensor_value_info(TARGET, TensorProto.FLOAT, out_shape)
+        target = helper.make_tensor_value_info(target_name, TensorProto.FLOAT, out_shape)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    graph.node.extend(_loss_nodes(loss, scores, len(out_shape), opset))
+    graph.node.extend(loss_nodes(loss, scores, target_name, len(out_shape), opset))
     graph.input.append(target)
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info("loss", TensorProto.FLOAT, []), out,
@@ -289,9 +265,12 @@ def pick_loss(model, loss, output):
 
 def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None, output=None, norms=False,
                 biases=False, lora=None, lora_targets_glob=None, num_classes=None, fix_input=None, batch_axis=None,
-                seed=0, log=print):
+                seed=0, log=print, config=None):
     """Make an artifact from an ONNX inference model. Choose tensors with `trainable` globs, `last_layers`,
-    `norms`, `biases` (combinable) and/or `lora` rank (adapters beside `lora_targets_glob` layers)."""
+    `norms`, `biases` (combinable) and/or `lora` rank (adapters beside `lora_targets_glob` layers). `config`: an
+    exporters.config.ExportConfig instead of the keywords."""
+    if config is not None:
+        return export_onnx(model_path, out_dir, log=log, **config.arguments())
     original = load_model(model_path)
     if num_classes is not None:  # the new head goes into inference.onnx too (then at opset >= 13)
         original = new_head(prepare(original, str(model_path))[0], num_classes, seed)

@@ -8,23 +8,13 @@ import torch
 import torch.nn.functional as F
 from onnx.utils import Extractor
 
-from ..runtime.errors import EdgezoError
+from ..runtime.errors import EdgezoError, check
+from .onnx_import import append_loss
 from .onnx_graph import build_manifest, check_model, flatten_trainable, value_info, write_artifact
 
 LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy,
           "binary_cross_entropy": F.binary_cross_entropy_with_logits}
 PREFIX = "model."
-
-
-def per_sample(kind):
-    """The built-in loss `kind` per sample ([batch]; over the other axes its mean): the batch loss is the mean."""
-    fn = LOSSES[kind]
-    if kind == "cross_entropy":
-        return lambda out, y: fn(out, y, reduction="none")
-    def each(out, y):
-        losses = fn(out, y, reduction="none")
-        return losses if losses.dim() == 1 else losses.flatten(1).mean(dim=1)
-    return each
 
 
 class _WithLoss(torch.nn.Module):
@@ -36,6 +26,8 @@ class _WithLoss(torch.nn.Module):
 
     def forward(self, *args):
         out = self.model(*args[:self.n_inputs])
+        if self.loss_fn is None:  # the model alone (the loss graph is appended after export)
+            return out
         losses = self.loss_fn(out, *args[self.n_inputs:])
         return (losses.mean(), out, losses) if self.each else (losses, out)
 
@@ -73,10 +65,11 @@ def _export_onnx(wrapper, args, names, outputs=("loss", "output")):
 
 
 def export_module(model, example_inputs, example_targets, loss, out_dir, trainable=None,
-                  formats=("onnx",)):
+                  formats=("onnx",), select=None):
     """Export `model` with `loss` ("mse", "cross_entropy" or a callable(output, *targets) -> scalar).
 
-    `trainable`: parameter names to train (default: every parameter with requires_grad). Writes
+    `trainable`: parameter names to train (default: every parameter with requires_grad); or `select`, an
+    exporters.config.Selection made on the exported graph as export-onnx makes it (one selection code). Writes
     manifest.json, params.npy, loss.onnx (flat params as one input), inference.onnx and reference.pt2.
     """
     loss_fn = LOSSES.get(loss, loss) if isinstance(loss, str) else loss
@@ -96,16 +89,24 @@ def export_module(model, example_inputs, example_targets, loss, out_dir, trainab
     if missing:
         raise EdgezoError(f"trainable names {missing} are not parameters of the model")
 
-    # one loss definition: the graph's per-sample losses (reduction "none"), whose mean is the loss; a custom
-    # loss is per sample when it returns one value per sample, else the engine does not apply (naive path)
-    each_fn = per_sample(loss) if isinstance(loss, str) else loss_fn
-    with torch.no_grad():
-        sample = each_fn(model(*inputs), *targets)
-    each = sample.dim() == 1 and sample.shape[0] == inputs[0].shape[0]
-    full = _export_onnx(_WithLoss(model, each_fn if each else loss_fn, len(inputs), each), inputs + targets,
-                        in_names + tg_names, ("loss", "output", "losses") if each else ("loss", "output"))
+    # one loss definition: a built-in kind's loss graph is runtime/loss.py's, appended to the exported model; a
+    # custom loss is traced with the model, per sample when it returns one value per sample, else the engine
+    # does not apply (naive path)
+    if isinstance(loss, str):
+        check(len(targets) == 1, f"loss {loss!r} takes one target, got {len(targets)}")
+        forward = _export_onnx(_WithLoss(model, None, len(inputs)), inputs, in_names, ("output",))
+        full, each = append_loss(forward, loss, "output", None, target_name=tg_names[0])[0], True
+    else:
+        with torch.no_grad():
+            sample = loss_fn(model(*inputs), *targets)
+        each = sample.dim() == 1 and sample.shape[0] == inputs[0].shape[0]
+        full = _export_onnx(_WithLoss(model, loss_fn, len(inputs), each), inputs + targets,
+                            in_names + tg_names, ("loss", "output", "losses") if each else ("loss", "output"))
     check_model(full, "the exported loss graph")
     inference = Extractor(full).extract_model(in_names, ["output"])
+    if select is not None and select.given():
+        from .onnx_import import choose, prepare
+        trainable = choose(prepare(inference)[0], **select.tensors())
     loss_model, entries, frozen, flat = flatten_trainable(full, trainable)
     with torch.no_grad():
         out = model(*inputs)
@@ -158,36 +159,3 @@ def load_reference(artifact_dir, params=None):
             value = np.asarray(params[e["offset"]:e["offset"] + e["size"]]).reshape(e["shape"])
             state[e["name"]].data.copy_(torch.from_numpy(np.ascontiguousarray(value)))
     return module, manifest
-
-
-NORM_TYPES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.LayerNorm,
-              torch.nn.GroupNorm, torch.nn.InstanceNorm2d)
-LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
-
-
-def select_parameters(model, trainable=None, last_layers=None, norms=False, biases=False):
-    """`edgezo export`'s selections on a torch module (union, in named_parameters order); None: all."""
-    import fnmatch
-    if not (trainable or last_layers or norms or biases):
-        return None
-    names = set()
-    params = dict(model.named_parameters())
-    for pattern in trainable or ():
-        hits = [n for n in params if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise EdgezoError(f"--trainable {pattern!r} matches no parameter of the model")
-        names.update(hits)
-    modules = list(model.named_modules())
-    if last_layers:
-        layers = [(n, m) for n, m in modules if isinstance(m, LAYER_TYPES)]
-        if last_layers > len(layers):
-            raise EdgezoError(f"--last-layers {last_layers}: the model has only {len(layers)} Linear/Conv layers")
-        names.update(f"{n}.{p}" for n, m in layers[-last_layers:] for p, _ in m.named_parameters(recurse=False))
-    if norms:
-        found = {f"{n}.{p}" for n, m in modules if isinstance(m, NORM_TYPES) for p, _ in m.named_parameters(recurse=False)}
-        if not found:
-            raise EdgezoError("--norms: the model has no BatchNorm/LayerNorm/GroupNorm with affine parameters")
-        names |= found
-    if biases:
-        names.update(n for n in params if n.endswith("bias"))
-    return [n for n in params if n in names]

@@ -2,7 +2,7 @@
 choices and help from these fields; the Python API (`run.train(..., lr=0.05)` or `run.train(config=...)`) takes
 the same names. Optimizer hyperparameters default to None, "not given": each optimizer takes the ones it uses
 (TAKES) with their defaults (HYPER), and a given one that it does not use is refused with one line."""
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import EdgezoError, check
 
@@ -19,6 +19,8 @@ VERSION = 2  # config.json: 1 (no "config_version"): every flag written, the one
 
 
 def _flag(help, **kw):
+    if "factory" in kw:
+        return field(default_factory=kw.pop("factory"), metadata=dict(help=help, **kw))
     return field(default=kw.pop("default", None), metadata=dict(help=help, **kw))
 
 
@@ -103,15 +105,13 @@ def flags(config_class=RunConfig):
         meta = f.metadata
         if meta.get("internal"):
             continue
-        kw = {"help": meta["help"]}
+        kw = {"help": meta["help"], "default": f.default_factory() if f.default is MISSING else f.default}
         if meta.get("flag"):
             kw["action"] = "store_true"
-            kw["default"] = f.default
         else:
-            kw["type"] = {"float": float, "int": int}.get(getattr(f.type, "__name__", f.type), str)
-            kw["default"] = f.default
-            if "choices" in meta:
-                kw["choices"] = meta["choices"]
+            kinds = {"float": float, "int": int, "list": str}
+            kw["type"] = kinds.get(getattr(f.type, "__name__", f.type), str)
+            kw.update({k: meta[k] for k in ("choices", "nargs", "metavar") if k in meta})
         if meta.get("positional"):
             kw["nargs"] = "?"
         yield f.name, kw, bool(meta.get("positional"))

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the models only tests and benchmarks use (deployed.py)
 SHARED = ROOT / ".." / "shared"
 DATASETS = SHARED / "datasets"
 

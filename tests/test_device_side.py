@@ -36,9 +36,10 @@ def test_runtime_imports_nothing_above_it():
     """runtime/ is the bottom layer: it imports neither the edgezo/ package above it (the ExecuTorch backend
     registers itself from there) nor devices/ (which imports runtime/: no circle)."""
     for path in (ROOT / "runtime").rglob("*.py"):
+        depth = len(path.relative_to(ROOT / "runtime").parts) - 1  # runtime/engine/x.py may reach runtime/
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                assert node.level <= 1, f"{path}: from {'.' * node.level}{node.module} reaches above runtime/"
+                assert node.level <= 1 + depth, f"{path}: from {'.' * node.level}{node.module} reaches above runtime/"
                 assert not (node.level == 0 and (node.module or "").startswith("edgezo")), f"{path}: {node.module}"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("edgezo") for a in node.names), f"{path} imports the edgezo package"

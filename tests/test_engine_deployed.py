@@ -1,10 +1,10 @@
-"""The engine on architectures people deploy (exporters/deployed.py, exported by torch's TorchScript exporter):
+"""The engine on architectures people deploy (benchmarks/deployed.py, exported by torch's TorchScript exporter):
 losses within 1e-5 of the naive path's and difference quotients within 1e-3, on steps sampled across the
 coordinate cycle, for the head, the last block with the head, and all weights."""
 import numpy as np
 import pytest
 
-from edgezo.exporters import deployed
+import deployed  # benchmarks/deployed.py (conftest puts benchmarks/ on the path)
 from edgezo.exporters.onnx_import import export_onnx
 from edgezo.runtime import load_artifact
 from test_engine import assert_paths_taken, check_step, probes

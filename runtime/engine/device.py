@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..loss import reduce_mean
 from ..sessions import make_session
 from .graph import reachable
 from .ops import Mode, const_node
@@ -87,11 +88,9 @@ class DeviceEngine(StepEngine):
                                                                                      ["t__rep"], axis=0)], set())
                 nodes += [helper.make_node("Tile", [target + "__base", "k__t__rep"], [target])]
                 nodes += list(loss.graph.node)
-                mean = helper.make_node("ReduceMean", ["k__per_copy", "k__z1"], ["losses__R"], keepdims=0) \
-                    if self.opset >= 18 else \
-                    helper.make_node("ReduceMean", ["k__per_copy"], ["losses__R"], axes=[1], keepdims=0)
                 nodes += [helper.make_node("Concat", ["k__R", "k__neg1"], ["k__RN"], axis=0),
-                          helper.make_node("Reshape", [self.per_sample, "k__RN"], ["k__per_copy"]), mean]
+                          helper.make_node("Reshape", [self.per_sample, "k__RN"], ["k__per_copy"])]
+                nodes += reduce_mean("k__per_copy", "losses__R", [1], self.opset, prefix="k__")  # the loss per copy
                 outputs = [helper.make_tensor_value_info("losses__R", f32, None)]
                 extra_inits = list(loss.graph.initializer)
             else:
