@@ -6,8 +6,10 @@ at 96 px batch 32 and 224 px batch 16, ResNet-18-like at 64 px batch 32, a 2-blo
 32, each with the head (the last Linear) or the last block and head trainable: auto, batched, naive and one
 plain forward of the deployed model (onnxruntime), on steps spread across the cycle (naive on a row sample).
 Targets: head steps >= 10x faster than naive and <= 3 forwards; last-block steps >= 3x faster than naive.
---baseline COMMIT also times the paper's MLP and CNN engine (auto, full cycle) with that commit's code in a
-subprocess of the same run (its own artifacts), beside this tree's.
+--baseline COMMIT compares the engine (auto) with that commit's code instead: the paper's MLP and CNN over a full
+cycle, ResNet-20 on 3 spread steps, deployed rows on 24; baseline and this tree alternately, --rounds times each,
+every run in its own process (the baseline with its own artifacts); medians, each side's spread, their ratio
+(benchmarks/results/step_speed_baseline.json).
 
 The engine paths are timed on every step of one full coordinate cycle (each layer counts by its
 share of the coordinates); the naive path and the torch reference, whose cost does not depend on
@@ -16,7 +18,7 @@ the output). ResNet-20's engine paths (a cycle is 133 steps of 4,096 rows) are t
 path, on the spread steps and a row sample. Writes benchmarks/results/step_speed.json.
 
 Usage: python benchmarks/step_speed.py [--models mlp cnn resnet20 mnv3-96-head ...] [--steps 12]
-       python benchmarks/step_speed.py --models mlp cnn --baseline 0f27723
+       python benchmarks/step_speed.py --models mlp cnn resnet20 mnv3-96-head --baseline 5af24f5 --rounds 3
 Run it alone: other work on a 2-core machine distorts timings.
 """
 import argparse
@@ -203,10 +205,8 @@ def bench_deployed(name, steps, sample):
     return result
 
 
-def baseline_engine_ms(commit, models):
-    """The paper models' engine (auto, full cycle) with `commit`'s code, in a subprocess (its own artifacts)."""
-    import json
-    import os
+def baseline_tree(commit):
+    """`commit`'s code as an importable package (the layout pyproject's package-dir maps), in a temp folder."""
     import shutil
     import subprocess
     import tempfile
@@ -214,20 +214,83 @@ def baseline_engine_ms(commit, models):
     tree = Path(tempfile.mkdtemp(prefix=f"edgezo-{commit}-"))
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    package = tree / "pkg" / "edgezo"  # the package layout pyproject's package-dir maps
+    package = tree / "pkg" / "edgezo"
     shutil.copytree(tree / "edgezo", package)
     for sub in ("runtime", "exporters", "devices"):
         shutil.copytree(tree / sub, package / sub)
-    env = dict(os.environ, PYTHONPATH=str(tree / "pkg"), EDGEZO_BENCH_ARTIFACTS=str(tree / "artifacts"))
-    out = subprocess.run([sys.executable, __file__, "--engine-only", "--models", *models], env=env, cwd=tree / "pkg",
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return tree
+
+
+def engine_run(models, tree=None):
+    """{model: auto ms per step} from one subprocess: this tree's code, or the baseline tree's (its own
+    artifacts, made by its own exporters)."""
+    import json
+    import os
+    import subprocess
+    env = dict(os.environ)
+    if tree is not None:
+        env.update(PYTHONPATH=str(tree / "pkg"), EDGEZO_BENCH_ARTIFACTS=str(tree / "artifacts"))
+    proc = subprocess.run([sys.executable, __file__, "--engine-only", "--models", *models], env=env,
+                          cwd=tree / "pkg" if tree is not None else Path(__file__).parent, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"--engine-only failed ({'baseline' if tree else 'this tree'}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interleaved(commit, models, rounds):
+    """Baseline and this tree alternately, `rounds` times each, every run in its own process: per model the
+    medians, each side's spread ((max - min) / median), and the ratio of the medians."""
+    tree = baseline_tree(commit)
+    runs = {"baseline": [], "this tree": []}
+    for k in range(rounds):
+        for side in ("baseline", "this tree"):
+            runs[side].append(engine_run(models, tree if side == "baseline" else None))
+            print(f"  round {k + 1}/{rounds} {side}: " + ", ".join(f"{m} {v:.2f}" for m, v in runs[side][-1].items()),
+                  flush=True)
+    out = {}
+    for m in models:
+        old, new = (np.array([r[m] for r in runs[side]]) for side in ("baseline", "this tree"))
+        spread = max(np.ptp(old) / np.median(old), np.ptp(new) / np.median(new))
+        ratio = float(np.median(new) / np.median(old))
+        out[m] = {"baseline_ms": old.tolist(), "this_tree_ms": new.tolist(), "baseline_median_ms": float(np.median(old)),
+                  "this_tree_median_ms": float(np.median(new)), "ratio": ratio, "spread": float(spread),
+                  "within": bool(abs(ratio - 1) <= max(0.10, spread))}
+    return out
+
+
+def engine_ms(name):
+    """auto ms per step as --baseline compares it: the paper MLP and CNN over a full cycle, ResNet-20 on 3 steps
+    spread over its cycle (64 rows each, scaled to 2B), a deployed model on 24 spread steps."""
+    from edgezo.runtime import load_artifact
+    if name in ("mlp", "cnn"):
+        return cycle_ms(name)
+    if name == "resnet20":
+        art = load_artifact(builtin_artifact("resnet20"), device="cpu", threads=2, engine="auto")
+        x, y = paper_batch(name)
+        params = art.initial_params()
+        cycle = -(-params.size // CASES[name][1])
+        probes = probes_at(params, CASES[name][1], np.linspace(0, cycle - 1, 3).astype(int))
+        return step_ms(art, params, probes, probes, 64, x, y, "resnet20 auto")
+    from common import deployed_artifact
+    model, size, selection, batch = DEPLOYED[name]
+    art = load_artifact(deployed_artifact(model, selection, **size), device="cpu", threads=2, engine="auto")
+    shape = art.manifest["inputs"][0]["shape"][1:]
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((batch, *shape)).astype(np.float32), rng.integers(0, 10, batch)
+    params = art.initial_params()
+    cycle = -(-params.size // 16)
+    probes = probes_at(params, 16, np.linspace(0, cycle - 1, min(24, cycle)).astype(int))
+    return step_ms(art, params, probes, probes, None, x, y, f"{name} auto")
 
 
 def engine_only(models):
-    """auto ms per step over a full cycle for each paper model (for --baseline): one JSON line."""
+    """auto ms per step for each model (for --baseline): one JSON line, last."""
     import json
-    print(json.dumps({name: cycle_ms(name) for name in models}))
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):
+        result = {name: engine_ms(name) for name in models}
+    print(json.dumps(result))
 
 
 def paper_batch(name):
@@ -277,27 +340,29 @@ def main():
                         help="deployed models: where the artifacts run (cuda: the device engine, onnxruntime-gpu)")
     parser.add_argument("--device-engine", action="store_true",
                         help="deployed models: also time the device engine (what --device cuda runs) on the CPU provider")
-    parser.add_argument("--baseline", metavar="COMMIT", help="also time mlp/cnn's engine with COMMIT's code")
+    parser.add_argument("--baseline", metavar="COMMIT",
+                        help="compare the engine (auto) of this tree with COMMIT's code on --models, in interleaved "
+                             "runs (each in its own process); no other timing")
+    parser.add_argument("--rounds", type=int, default=3, help="--baseline: runs of each side")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_only:
         return engine_only(args.models)
+    if args.baseline:
+        print(f"engine (auto) ms per step: {args.baseline} vs this tree, {args.rounds} interleaved rounds", flush=True)
+        compared = interleaved(args.baseline, args.models, args.rounds)
+        print(f"\n{'model':<18} {'baseline':>9} {'this tree':>10} {'ratio':>6} {'spread':>7}  within 10% or spread")
+        for m, r in compared.items():
+            print(f"{m:<18} {r['baseline_median_ms']:9.2f} {r['this_tree_median_ms']:10.2f} {r['ratio']:6.2f} "
+                  f"{100 * r['spread']:6.0f}%  {'yes' if r['within'] else 'NO'}")
+        write_json("step_speed_baseline", {"baseline_commit": args.baseline, "rounds": args.rounds, **compared})
+        return 0
     DEVICE[0], DEVICE_ENGINE[0] = args.device, args.device_engine
     results = {}
     for name in args.models:
         print(f"{name}:", flush=True)
         results[name] = bench_deployed(name, max(args.steps, 24), min(args.sample, 8)) if name in DEPLOYED else \
             bench(name, args.steps, args.sample)
-    paper = [m for m in args.models if m in ("mlp", "cnn")]
-    if args.baseline and paper:
-        print(f"baseline: the engine of {args.baseline}, full cycle ...", flush=True)
-        old = baseline_engine_ms(args.baseline, paper)
-        for name in paper:
-            new = cycle_ms(name)
-            results[name].update(baseline_commit=args.baseline, baseline_auto_ms=old[name], cycle_auto_ms=new,
-                                 vs_baseline=new / old[name])
-            print(f"  {name}: {args.baseline} {old[name]:.2f} ms/step, this tree {new:.2f} ms/step "
-                  f"({new / old[name]:.2f}x the baseline's time)", flush=True)
     deployed = {k: v for k, v in results.items() if k in DEPLOYED}
     if deployed:
         print(f"\n{'model':<18} {'auto ms':>9} {'batched':>9} {'naive':>9} {'forward':>8} {'vs naive':>9} "
