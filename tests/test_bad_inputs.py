@@ -157,10 +157,6 @@ def test_bad_input(case, ctx):
     assert not (ctx["tmp"] / "run" / "metrics.json").exists()
 
 
-def test_catalogue_size():
-    assert len(CASES) >= 25
-
-
 def test_write_that_fails_midway(ctx):
     """RLIMIT_FSIZE makes the write of params.npy fail: one line, exit 2, no partial file left."""
     limit = 20_000  # config.json fits, params.npy (48 kB) does not

@@ -114,8 +114,18 @@ class Gemm(Op):
             [helper.make_node("Mul", ["colU", "E1"], ["m1"]), helper.make_node("Mul", ["m1", "dR"], ["move"])]
 
 
+class ChannelOwner(Op):
+    """An op whose bias adds to one output channel (axis 1); the weight's move is the subclass's."""
+
+    def move(self, out, acts, x, role, e, d):
+        if role == "bias":
+            out[:, e] += d
+        else:
+            self.move_weight(out, acts, role, e, d)
+
+
 @register
-class Conv(Op):
+class Conv(ChannelOwner):
     """2-D Conv. Numpy layer (the convolution itself in a one-op onnxruntime session, MLAS) where it is ungrouped
     and undilated; a direct kernel for any group count, stride, padding and dilation."""
     types = ("Conv",)
@@ -200,10 +210,7 @@ class Conv(Op):
 
     # direct: weight (o, c, p, q) moves output channel o by delta x the input map of channel
     # (group of o) x C/groups + c seen through tap (p, q); bias by delta
-    def move(self, out, acts, x, role, e, d):
-        if role == "bias":
-            out[:, e] += d
-            return
+    def move_weight(self, out, acts, role, e, d):
         o_n, c_n, kh, kw = self.param_shape(role)
         o, c, p, q = np.unravel_index(e, (o_n, c_n, kh, kw))
         channel = (o // (o_n // self.group)) * c_n + c
@@ -245,7 +252,7 @@ class Conv(Op):
 
 
 @register
-class ConvTranspose(Op):
+class ConvTranspose(ChannelOwner):
     """2-D ConvTranspose: weight (c, o, p, q) (layout [C_in, C_out / groups, kh, kw]) moves output channel
     (group of c) x C_out/groups + o by delta x input channel c scattered through tap (p, q); bias by delta. The
     scatter is onnxruntime's ConvTranspose of that one channel with a one-hot kernel (same strides, pads,
@@ -267,10 +274,7 @@ class ConvTranspose(Op):
         self.session = _one_op_session("ConvTranspose", ("X", "W"), dict(kept, output_shape=list(
             ctx.shapes[self.output][2:])), None, "cpu", 17)
 
-    def move(self, out, acts, x, role, e, d):
-        if role == "bias":
-            out[:, e] += d
-            return
+    def move_weight(self, out, acts, role, e, d):
         c_n, o_g, kh, kw = self.param_shape(role)
         c, o, p, q = np.unravel_index(e, (c_n, o_g, kh, kw))
         kernel = np.zeros((1, 1, kh, kw), np.float32)
