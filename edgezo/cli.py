@@ -59,7 +59,8 @@ def cmd_train_torch(args):
     prepare_out(args.out)
     check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     manifest = read(Path(args.artifact) / "manifest.json")
-    train, val = load_train_val(args, manifest)
+    train, val = load_train_val(RunConfig(data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
+                                          target_columns=args.target_columns, seed=args.seed), manifest)
     print(f"training {manifest['num_params']} params with torch {args.optimizer} (backprop)", flush=True)
     start = time.perf_counter()
     history, params = fit_torch(args.artifact, args.optimizer, train, args.batch_size, args.epochs, args.lr,

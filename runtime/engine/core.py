@@ -36,8 +36,10 @@ from .step import Path, Route, StepEngine
 class GraphEngine(StepEngine):
     """Exact fast losses for coordinate probes on a loss graph of the registry's ops (chains and residual DAGs)."""
 
-    def __init__(self, ops, manifest, propagate=True, memory_mb=256, subgraphs=None, sample_bytes=0):
+    def __init__(self, ops, manifest, propagate=True, memory_mb=256, subgraphs=None, sample_bytes=0, kinds=None,
+                 cuts=None):
         self.ops, self.manifest, self.subgraphs = ops, manifest, subgraphs
+        self.kinds, self.cuts = kinds, cuts  # cuts: the cut-subgraph factory, even where the base forward is numpy
         self.sample_bytes = sample_bytes  # the widest activation of one sample, in bytes
         self.propagate, self.memory_bytes = propagate, memory_mb * 2 ** 20
         self.kind, self.loss_session = manifest["loss"]["kind"], None

@@ -109,8 +109,7 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     # SARCOS MLP 3.4 vs 4.3 ms per step)
     base = subgraphs if frozen or any(op.mode is not Mode.NUMPY or op.prefers_onnxruntime for op in ops) else None
     widest = max(probe[op.output].nbytes // 2 for op in ops)
-    engine = cls(ops, manifest, propagate, memory_mb, base, widest)
-    engine.kinds, engine.cuts = kinds, subgraphs  # cuts: the cut-subgraph factory even where the base is numpy
+    engine = cls(ops, manifest, propagate, memory_mb, base, widest, kinds, subgraphs)
     rng = np.random.default_rng(0)
     a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(np.float32)
     engine.check_stacking(a0)
