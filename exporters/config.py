@@ -38,6 +38,8 @@ class ExportConfig(Selection):
     fix_input: list = _flag("fix a non-data input (a recurrent state, a sample rate) to a number or a .npy file; "
                             "broadcast along the batch axis where the input has one", factory=list, nargs="+",
                             metavar="NAME=VALUE")
+    sample_data: str = _flag("a .npz/.npy of the model's inputs (batch-first): the export's smoke test runs on its "
+                             "shapes (default: guessed sizes, said when 8 does not run)", metavar="FILE")
     batch_axis: list = _flag("the batch axis of an input or output (default: found from the data input's first "
                              "symbolic dimension); data files are always batch-first", factory=list, nargs="+",
                              metavar="NAME=AXIS")

@@ -196,7 +196,9 @@ def parse_fixed(specs, model):
 
 
 def dims(value):
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in
+    """Each axis: its size, its symbol, or None where it has neither (a size <= 0, as Paddle writes -1 for
+    'any', is no size)."""
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in
             value.type.tensor_type.shape.dim]
 
 

@@ -47,9 +47,15 @@ def save_json(path, obj):
 def load_npy(path, label):
     """np.load without pickle; an unreadable file is an EdgezoError naming `label` and the path."""
     try:
-        return np.load(path, allow_pickle=False)
+        value = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise EdgezoError(f"{label}{path}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+    if not isinstance(value, np.ndarray):  # an .npz archive
+        names = list(value.files)
+        value.close()
+        raise EdgezoError(f"{label}{path}: an .npz archive ({', '.join(names[:4]) or 'empty'}), not a .npy array: "
+                          "give the run's params.npy")
+    return value
 
 
 def load_params(path, n, label="", wants="the artifact"):

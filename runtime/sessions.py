@@ -33,7 +33,7 @@ def session_options(threads=None, arena=True):
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # its errors come back as exceptions: no log lines on the terminal
     options.enable_cpu_mem_arena = arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
@@ -45,6 +45,7 @@ def make_session(model, device="auto", threads=None, options=None, arena=True):
     """An onnxruntime session of `model` (a path or an onnx ModelProto) on `device`; raises if CUDA was asked
     for but is not really active."""
     import onnxruntime as ort
+    ort.set_default_logger_severity(4)  # fatal only: its errors come back as exceptions, which edgezo reports in one line
     options = options or session_options(threads, arena)
     source = str(model) if not hasattr(model, "SerializeToString") else model.SerializeToString()
     what = str(model) if isinstance(source, str) else "a cut of the loss graph"
