@@ -22,7 +22,8 @@ from ..runtime.writeback import edgezo_version, write_back  # noqa: F401  (expor
 PARAMS_INPUT = "params"
 OPSET = 18
 _DTYPES = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.INT64: "int64",
-           TensorProto.INT32: "int32"}
+           TensorProto.INT32: "int32", TensorProto.FLOAT16: "float16"}
+TRAINABLE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)  # fp16 weights train as float32 values cast in the graph
 
 
 def value_info(value):
@@ -60,10 +61,12 @@ def flatten_trainable(model, trainable):
         tensor = by_name.get(name)
         if tensor is None:
             raise EdgezoError(f"trainable tensor {name!r} is not an initializer of the graph")
-        if tensor.data_type != TensorProto.FLOAT:
+        if tensor.data_type not in TRAINABLE_TYPES:
             raise EdgezoError(f"trainable tensor {name!r} has type {TensorProto.DataType.Name(tensor.data_type)}; "
-                              "only float32 tensors can be trained")
-        entry = tensor_entry(tensor, offset)
+                              "only float32 and float16 tensors can be trained")
+        entry = dict(tensor_entry(tensor, offset), dtype="float32")  # its slice of the flat float32 params
+        if tensor.data_type != TensorProto.FLOAT:
+            entry["stored"] = _DTYPES[tensor.data_type]
         entries.append(entry)
         chunks.append(numpy_helper.to_array(tensor).astype(np.float32).reshape(-1))
         offset += entry["size"]
@@ -78,9 +81,13 @@ def flatten_trainable(model, trainable):
         graph.initializer.extend([numpy_helper.from_array(np.array([e["offset"]], np.int64), start),
                                   numpy_helper.from_array(np.array([e["offset"] + e["size"]], np.int64), end),
                                   numpy_helper.from_array(np.array(e["shape"], np.int64), shape)])
-        flat = f"{e['name']}__flat"
+        flat, cast = f"{e['name']}__flat", "stored" in e
+        shaped = f"{e['name']}__f32" if cast else e["name"]
         nodes += [helper.make_node("Slice", [PARAMS_INPUT, start, end], [flat], name=f"{e['name']}__slice"),
-                  helper.make_node("Reshape", [flat, shape], [e["name"]], name=f"{e['name']}__reshape")]
+                  helper.make_node("Reshape", [flat, shape], [shaped], name=f"{e['name']}__reshape")]
+        if cast:  # the deployed precision: training sees what deploys
+            nodes.append(helper.make_node("Cast", [shaped], [e["name"]], to=TensorProto.FLOAT16,
+                                          name=f"{e['name']}__cast"))
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)

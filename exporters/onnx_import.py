@@ -17,7 +17,7 @@ from ..runtime.errors import EdgezoError, check
 from ..runtime.loss import loss_nodes
 from . import onnx_prepare as prep
 from .lora import add_lora, lora_targets
-from .onnx_graph import build_manifest, check_model, flatten_trainable, tensor_entry, value_info, write_artifact
+from .onnx_graph import TRAINABLE_TYPES, build_manifest, check_model, flatten_trainable, tensor_entry, value_info, write_artifact
 
 LAYER_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
@@ -32,7 +32,7 @@ def load_model(path):
     except Exception as e:  # protobuf raises DecodeError and others for non-ONNX bytes
         raise EdgezoError(f"{path}: not an ONNX model ({type(e).__name__})") from None
     check(len(model.graph.node) > 0 and len(model.graph.output) > 0, f"{path}: not an ONNX model (empty graph)")
-    check_model(model, str(path))
+    check_model(prep.sort_nodes(model), str(path))
     return model
 
 
@@ -56,7 +56,7 @@ def list_tensors(model):
 
 
 def _floats(model):
-    return {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    return {t.name for t in model.graph.initializer if t.data_type in TRAINABLE_TYPES}
 
 
 def _consumers(model):
@@ -139,13 +139,13 @@ def select_tensors(model, patterns):
         hits = [n for n in by_name if hit(n, pattern)]
         check(hits, f"--trainable {pattern!r} matches no tensor of the model (see --list)")
         if any(c in pattern for c in "*?["):  # a glob takes the float tensors it matches (not shape constants)
-            floats = [n for n in hits if by_name[n].data_type == TensorProto.FLOAT]
+            floats = [n for n in hits if by_name[n].data_type in TRAINABLE_TYPES]
             check(floats, f"--trainable {pattern!r} matches only non-float tensors ({hits[0]!r}, ...)")
             hits = floats
         for name in hits:
-            check(by_name[name].data_type == TensorProto.FLOAT,
+            check(by_name[name].data_type in TRAINABLE_TYPES,
                   f"--trainable {pattern!r}: tensor {name!r} is "
-                  f"{TensorProto.DataType.Name(by_name[name].data_type)}, only float32 tensors can be trained")
+                  f"{TensorProto.DataType.Name(by_name[name].data_type)}, only float32 and float16 tensors can be trained")
         chosen.update(hits)
     return [n for n in by_name if n in chosen]
 
@@ -200,7 +200,7 @@ def new_head(model, classes, seed=0):
     fan_in = w.shape[1] if out_first else w.shape[0]
     rng = np.random.default_rng(seed)
     bound = 1 / np.sqrt(fan_in)
-    fresh = rng.uniform(-bound, bound, (classes, fan_in) if out_first else (fan_in, classes)).astype(np.float32)
+    fresh = rng.uniform(-bound, bound, (classes, fan_in) if out_first else (fan_in, classes)).astype(w.dtype)  # fp16 too
     by_name[weight].CopyFrom(numpy_helper.from_array(fresh, weight))
     bias = None
     if node.op_type == "Gemm" and len(node.input) > 2:
@@ -210,7 +210,7 @@ def new_head(model, classes, seed=0):
         if add is not None:
             bias = next((alias.get(i, i) for i in add.input if alias.get(i, i) in floats), None)
     if bias is not None:
-        by_name[bias].CopyFrom(numpy_helper.from_array(rng.uniform(-bound, bound, classes).astype(np.float32), bias))
+        by_name[bias].CopyFrom(numpy_helper.from_array(rng.uniform(-bound, bound, classes).astype(w.dtype), bias))
     old = w.shape[0] if out_first else w.shape[1]
     for value in model.graph.output:  # the class axis changes size
         d = value.type.tensor_type.shape.dim
@@ -238,6 +238,9 @@ def append_loss(model, loss, output, head, target_name=TARGET):
     else:
         target = helper.make_tensor_value_info(target_name, TensorProto.FLOAT, out_shape)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if out.type.tensor_type.elem_type != TensorProto.FLOAT:  # an fp16 model's output: the loss in float32
+        graph.node.append(helper.make_node("Cast", [scores], [scores + "__f32"], to=TensorProto.FLOAT))
+        scores += "__f32"
     graph.node.extend(loss_nodes(loss, scores, target_name, len(out_shape), opset))
     graph.input.append(target)
     del graph.output[:]
@@ -364,7 +367,7 @@ def _smoke_test(loss_model, model_path, sample_data=None, log=print):
     inputs = [i for i in session.get_inputs() if i.name != "params"]
     sample = _sample_shapes(sample_data, inputs) if sample_data else {}
     dtypes = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-              "tensor(double)": np.float64}
+              "tensor(double)": np.float64, "tensor(float16)": np.float16}
     first = None
     for size in ([None] if sample_data else GUESSES):
         feed = {"params": np.zeros(next(i for i in session.get_inputs() if i.name == "params").shape, np.float32)}

@@ -25,6 +25,36 @@ NP_OF = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorPr
          TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_}
 
 
+def sort_nodes(model):
+    """The graph's nodes in an order where every input is made before it is read (onnxruntime's fp16 converter
+    writes input Casts after their readers; onnxruntime runs such graphs, the ONNX checker refuses them). Nodes
+    already in order keep it."""
+    graph = model.graph
+    made = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producers = {o for node in graph.node for o in node.output}
+    pending, order = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in made or i not in producers for i in _outer_reads(n))]
+        if not ready:  # a cycle: leave the rest for the checker to name
+            order += pending
+            break
+        ids = {id(n) for n in ready}
+        order += ready
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            made.update(n.output)
+    if [id(n) for n in order] != [id(n) for n in graph.node]:
+        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in order]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return model
+
+
+def _outer_reads(node):
+    from ..runtime.engine.graph import subgraph_inputs
+    return subgraph_inputs(node)
+
+
 def opset(model):
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 

@@ -12,7 +12,8 @@ from .probes import CoordinateProbe, perturbed
 
 ENGINES = ("auto", "batched", "naive")
 BACKENDS = {}  # name -> callable(path, device, threads) returning an Artifact; runtime/ imports none of them
-NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32}
+NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32,
+             "float16": np.float16}
 
 
 class Artifact:

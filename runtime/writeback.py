@@ -60,7 +60,8 @@ def write_back(inference_path, trainable, params, out_path, metadata=None, lora=
             raise EdgezoError(f"{inference_path}: has no initializer or Constant {name!r} listed in the manifest")
         check(list(tensor.dims) == list(value.shape), f"{inference_path}: {name!r} has shape {list(tensor.dims)}, "
                                                       f"the manifest {list(value.shape)}")
-        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+        own = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)  # fp16 stays fp16
+        tensor.CopyFrom(numpy_helper.from_array(value.astype(own, copy=False), tensor.name))
     info = {"edgezo_version": edgezo_version(), **(metadata or {})}
     keep = [p for p in model.metadata_props if not p.key.startswith("edgezo")]
     del model.metadata_props[:]

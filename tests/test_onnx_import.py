@@ -145,7 +145,7 @@ def test_cli_list_export_train_write_back(tmp_path):
     (lambda p: save(p, [helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT64),
                      helper.make_node("Gather", ["table", "xi"], ["g"]), helper.make_node("Add", ["g", "w"], ["out"])],
                     [numpy_helper.from_array(np.arange(6, dtype=np.int64).reshape(3, 2), "table"), init("w", 2)],
-                    ["N"], ["N", 2]), ["--trainable", "table", "--loss", "mse"], "only float32 tensors"),
+                    ["N"], ["N", 2]), ["--trainable", "table", "--loss", "mse"], "only float32 and float16 tensors"),
 ])
 def test_bad_import_inputs(tmp_path, make, args, needle):
     path = make(tmp_path)
