@@ -43,8 +43,9 @@ def cmd_train(args):
     log = lambda line: print(line, flush=True)  # noqa: E731
     config = from_namespace(args)
     if args.resume:
+        defaults = RunConfig()
         given = [f"--{k.replace('_', '-')}" for k, v in vars(config).items()
-                 if k != "artifact" and v != getattr(RunConfig(), k)]
+                 if k != "artifact" and v != getattr(defaults, k)]
         check(not given, f"--resume continues a run with its own settings; {given[0] if given else ''} does not apply")
         run.resume(args.resume, artifact=args.artifact, log=log)
     else:

@@ -29,8 +29,7 @@ TRAINABLE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)  # fp16 weights train
 def value_info(value):
     """{name, shape (symbolic dims as strings, the first as "batch"), dtype} of a graph input/output."""
     t = value.type.tensor_type
-    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "batch")
-             for d in t.shape.dim]
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "batch") for d in t.shape.dim]
     if shape and isinstance(shape[0], str):
         shape[0] = "batch"
     dtype = _DTYPES.get(t.elem_type)

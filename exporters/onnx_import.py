@@ -34,7 +34,7 @@ def load_model(path):
     except Exception as e:  # protobuf raises DecodeError and others for non-ONNX bytes
         raise EdgezoError(f"{path}: not an ONNX model ({type(e).__name__})") from None
     check(len(model.graph.node) > 0 and len(model.graph.output) > 0, f"{path}: not an ONNX model (empty graph)")
-    check_model(prep.sort_nodes(model), str(path))
+    check_model(prep.unknown_sizes(prep.sort_nodes(model)), str(path))
     return model
 
 
@@ -347,8 +347,6 @@ def _batch_dims(model, names):
         d[0].ClearField("dim_value")
         d[0].dim_param = "batch"
         for k, dim in enumerate(d[1:], start=1):
-            if dim.HasField("dim_value") and dim.dim_value <= 0:  # Paddle's -1: any size
-                dim.ClearField("dim_value")
             if not dim.HasField("dim_value") and not dim.dim_param:
                 dim.dim_param = f"{value.name}_dim{k}"
     return model

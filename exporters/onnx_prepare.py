@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.engine.graph import subgraph_inputs
 from ..runtime.errors import EdgezoError, check
 
 MIN_OPSET = 13  # SoftmaxCrossEntropyLoss needs 12; Softmax's class-axis semantics settle at 13
@@ -34,7 +35,7 @@ def sort_nodes(model):
     producers = {o for node in graph.node for o in node.output}
     pending, order = list(graph.node), []
     while pending:
-        ready = [n for n in pending if all(i in made or i not in producers for i in _outer_reads(n))]
+        ready = [n for n in pending if all(i in made or i not in producers for i in subgraph_inputs(n))]
         if not ready:  # a cycle: leave the rest for the checker to name
             order += pending
             break
@@ -50,9 +51,15 @@ def sort_nodes(model):
     return model
 
 
-def _outer_reads(node):
-    from ..runtime.engine.graph import subgraph_inputs
-    return subgraph_inputs(node)
+def unknown_sizes(model):
+    """Axes written with a size <= 0 (Paddle writes -1 for 'any') made dynamic, as ONNX means them: once, on load,
+    so that every reader of a shape sees a symbol or nothing there, never a negative size."""
+    graph = model.graph
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.ClearField("dim_value")
+    return model
 
 
 def opset(model):
@@ -226,9 +233,7 @@ def parse_fixed(specs, model):
 
 
 def dims(value):
-    """Each axis: its size, its symbol, or None where it has neither (a size <= 0, as Paddle writes -1 for
-    'any', is no size)."""
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in
             value.type.tensor_type.shape.dim]
 
 

@@ -52,6 +52,7 @@ class DeviceEngine(StepEngine):
                 engine.routes[j].path is not Path.GENERIC and \
                 (op.transposed or all(e["name"] in op.node.input for e in op.params.values()))
             self.routes[j] = Route(Path.DEVICE if kernel else Path.GENERIC, op.node.op_type)
+
     def fused(self, j, role, shapes):
         """One session: A, Z, extras (base), idx, delta, target -> the R losses of the perturbed copies."""
         key = (j, role)

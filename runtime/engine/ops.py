@@ -86,7 +86,8 @@ class Op:
     @classmethod
     def read(cls, node, ctx):
         """The op for `node` in the best mode it allows; its `reason` says why a better one did not apply."""
-        op = cls(node, list(dict.fromkeys(ctx.data(subgraph_inputs(node)))))
+        reads = list(dict.fromkeys(ctx.data(subgraph_inputs(node))))
+        op = cls(node, reads)
         try:
             op.parse_numpy(ctx)
             op.mode = Mode.NUMPY
@@ -97,8 +98,7 @@ class Op:
             op.parse_direct(ctx)
             op.mode = Mode.DIRECT
         except Unsupported:
-            op.params, op.mode = {}, Mode.OPAQUE
-            op.inputs = list(dict.fromkeys(ctx.data(subgraph_inputs(node))))
+            op.params, op.mode, op.inputs = {}, Mode.OPAQUE, reads
         return op
 
     def parse_numpy(self, ctx):
