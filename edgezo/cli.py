@@ -183,6 +183,9 @@ def build_parser():
                    "bit-identically (with its own settings)")
     p.set_defaults(func=cmd_train)
 
+    from .tune import add_parser as add_tune  # Ray is imported only when `edgezo tune` runs
+    add_tune(sub)
+
     p = sub.add_parser("train-torch", help="first-order reference: torch SGD/momentum/Adam on reference.pt2")
     p.add_argument("artifact")
     p.add_argument("--data", required=True)

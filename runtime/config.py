@@ -47,6 +47,9 @@ class RunConfig:
     mu: float = _flag(f"spsa/zosgd/mezo/cge: perturbation size (default {HYPER['mu']})")
     batch_size: int = _flag("rows per step", default=64)
     epochs: int = _flag("passes over --data", default=1)
+    steps: int = _flag("stop after this many batches (epochs as needed; replaces --epochs)")
+    eval_every: int = _flag("with validation data: its loss every N batches (at 0 and the last too), in "
+                            "metrics.json's evals")
     seed: int = _flag("data order, validation split and direction seeds", default=0)
     device: str = _flag("where onnxruntime runs; cuda fails clearly unless its provider is really active",
                         default="auto", choices=("auto", "cpu", "cuda"))
@@ -77,9 +80,26 @@ class RunConfig:
             raise EdgezoError(f"{flag} does not apply to --optimizer {self.optimizer}{why}; it takes "
                               f"{', '.join('--' + k.replace('_', '-') for k in TAKES[self.optimizer])}")
         check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        check(self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        check(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1 batches, got "
+              f"{self.eval_every}")
+        check(self.eval_every is None or self.val_data or self.val_fraction,
+              "--eval-every needs validation data (--val-data or --val-fraction)")
         check(self.checkpoint_every is None or self.checkpoint_every >= 1,
               f"--checkpoint-every must be >= 1 steps, got {self.checkpoint_every}")
         return self
+
+    def argv(self):
+        """The `edgezo train` command-line arguments that give this config (settings left at defaults omitted)."""
+        out = [self.artifact] if self.artifact else []
+        for name, kw, positional in flags(type(self)):
+            value = getattr(self, name)
+            if positional or value == kw["default"]:
+                continue
+            flag = "--" + name.replace("_", "-")
+            out += [flag] if kw.get("action") == "store_true" else [flag, repr(value) if isinstance(value, float)
+                                                                     else str(value)]
+        return out
 
     def hyper(self):
         """The optimizer's hyperparameters: given values, else the defaults (HYPER), for those it takes."""

@@ -86,6 +86,7 @@ class Run:
     resumed: bool = False
     position: tuple = (0, 0)
     history: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
 
 
 def prepare(config, log, resumed=False):
@@ -119,6 +120,7 @@ def restore(run, log):
         run.params[:] = saved_params
         run.optimizer.load_state_dict(state)
         run.position, run.history = tuple(info["position"]), info["history"]
+        run.evals = info.get("evals", [])
         log(f"resuming at epoch {run.position[0] + 1}, batch {run.position[1]} (step {run.optimizer.steps})")
         return
     run.config.fingerprint = checkpoint.fingerprint(run.config.artifact)
@@ -126,20 +128,28 @@ def restore(run, log):
     save_json(out / RUN_CONFIG, run.config.to_json())
 
 
-def fit_run(run, log):
-    """The epochs, with a checkpoint every config.checkpoint_every steps; returns the training loop's seconds."""
+def fit_run(run, log, on_eval=None):
+    """The epochs (or config.steps batches), with a checkpoint every config.checkpoint_every steps and a validation
+    loss every config.eval_every batches (each also passed to on_eval); returns the training loop's seconds."""
     from . import checkpoint
     from .data import batches_per_epoch, num_rows
     from .train import fit
     config, opt, out = run.config, run.optimizer, Path(run.config.out)
     per_epoch = batches_per_epoch(num_rows(run.train), config.batch_size,
                                   drop_last=run.artifact.fixed_batch is not None)
+    epochs = -(-config.steps // per_epoch) if config.steps else config.epochs
 
     def on_step(epoch, b, result):
         if config.checkpoint_every and opt.steps % config.checkpoint_every == 0 and not result.diverged:
             nxt = (epoch, b + 1) if b + 1 < per_epoch else (epoch + 1, 0)
             checkpoint.save(out, run.params, opt.state_dict(),
-                            {"position": nxt, "history": run.history, "fingerprint": config.fingerprint})
+                            {"position": nxt, "history": run.history, "evals": run.evals,
+                             "fingerprint": config.fingerprint})
+
+    def record_eval(record):
+        run.evals.append(record)
+        if on_eval:
+            on_eval(record)
 
     settings = ", ".join(f"{k}={v}" for k, v in optimizer_settings(opt).items() if k != "type")
     log(f"training {run.artifact.num_params} params on {num_rows(run.train)} rows with {config.optimizer} "
@@ -148,9 +158,10 @@ def fit_run(run, log):
     if run.artifact.engine_note:
         log(run.artifact.engine_note)
     start = time.perf_counter()
-    fit(run.artifact, opt, run.train, config.batch_size, config.epochs, seed=config.seed, val_data=run.val,
-        log=log, start_epoch=run.position[0], start_batch=run.position[1],
-        on_step=on_step, on_epoch=run.history.append, guard=run.guard)
+    fit(run.artifact, opt, run.train, config.batch_size, epochs, seed=config.seed, val_data=run.val,
+        log=log, start_epoch=run.position[0], start_batch=run.position[1], on_step=on_step,
+        on_epoch=run.history.append, guard=run.guard, max_steps=config.steps, eval_every=config.eval_every,
+        on_eval=record_eval)
     return time.perf_counter() - start
 
 
@@ -162,18 +173,21 @@ def finish(run, seconds, log):
                "engine": "naive" if artifact.fast_engine() is None else artifact.engine_name,
                "engine_paths": artifact.tensor_paths() if artifact.backend == "onnxruntime" else {},
                "rss_baseline_mb": run.baseline_mb}
+    if run.evals:
+        metrics["evals"] = run.evals
     if artifact.backend == "onnxruntime":
         metrics["paths_taken"] = artifact.paths_taken()
     c = run.config
-    return write_run(c.out, c.artifact, c.batch_size, c.epochs, c.seed, artifact.file("inference"),
+    return write_run(c.out, c.artifact, c.batch_size, len(run.history), c.seed, artifact.file("inference"),
                      artifact.manifest, run.params, metrics, log)
 
 
-def execute(config, log=print, resumed=False):
-    """prepare / restore / fit / finish; returns metrics.json's content."""
+def execute(config, log=print, resumed=False, on_eval=None):
+    """prepare / restore / fit / finish; returns metrics.json's content. on_eval(record) sees each validation
+    (config.eval_every) as it is made."""
     run = prepare(config, log, resumed)
     restore(run, log)
-    return finish(run, fit_run(run, log), log)
+    return finish(run, fit_run(run, log, on_eval), log)
 
 
 def write_run(out, artifact, batch_size, epochs, seed, inference_path, manifest, params, metrics, log=print):
@@ -197,7 +211,7 @@ def write_run(out, artifact, batch_size, epochs, seed, inference_path, manifest,
     return metrics
 
 
-def train(artifact=None, data=None, out=None, config=None, log=print, **settings):
+def train(artifact=None, data=None, out=None, config=None, log=print, on_eval=None, **settings):
     """Train `artifact` on `data` into the new run folder `out`. Settings: a RunConfig (`config=`) and/or its
     fields as keywords (optimizer, lr, eps, budget, memory, gamma, weight_decay, batch_size, epochs, val_data,
     checkpoint_every, engine, ...). Returns metrics.json's content."""
@@ -210,7 +224,7 @@ def train(artifact=None, data=None, out=None, config=None, log=print, **settings
           "train needs ARTIFACT, --data and --out (or --resume RUN_DIR)")
     check_new_folder(config.out)
     config = replace(config, **{k: str(Path(getattr(config, k)).resolve()) for k in PATHS if getattr(config, k)})
-    return execute(config, log)
+    return execute(config, log, on_eval=on_eval)
 
 
 def resume(run_dir, artifact=None, log=print):

@@ -143,12 +143,15 @@ class Progress:
 
 
 def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=None, on_epoch=None,
-        log=print, progress=None, start_epoch=0, start_batch=0, on_step=None, guard=None):
+        log=print, progress=None, start_epoch=0, start_batch=0, on_step=None, guard=None, max_steps=None,
+        eval_every=None, on_eval=None):
     """Epochs of training over `train_data` (a dict of arrays); returns the per-epoch history.
 
     Row order per epoch is `data.epoch_order(n, seed, epoch)`, so a run can resume at
     (start_epoch, start_batch). `on_step(epoch, batch_index, result)` and `on_epoch(record)` are
-    called after each step and epoch.
+    called after each step and epoch. `max_steps` ends training after that many batches in all (mid-epoch);
+    with `eval_every` and val_data, `on_eval({"step": batches, "val_loss": ...})` is called at batch 0, every
+    eval_every batches and at the last one.
     """
     n = data_mod.num_rows(train_data)
     data_mod.check_batch_size(batch_size, n)
@@ -156,8 +159,19 @@ def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=No
     if fixed is not None and batch_size != fixed:
         raise EdgezoError(f"--batch-size must be {fixed} for this {artifact.backend} program, got {batch_size}")
     per_epoch = data_mod.batches_per_epoch(n, batch_size, drop_last=fixed is not None)
+    last = min(epochs * per_epoch, max_steps or epochs * per_epoch)
+
+    def check_point(done):
+        if eval_every and val_data is not None and on_eval and (done % eval_every == 0 or done == last):
+            val = evaluate(artifact, optimizer.params, val_data)
+            on_eval({"step": done, **{f"val_{k}": v for k, v in val.items()}})
+
+    if start_epoch == 0 and start_batch == 0:
+        check_point(0)
     history = []
     for epoch in range(start_epoch, epochs):
+        if epoch * per_epoch >= last:
+            break
         order = data_mod.epoch_order(n, seed, epoch)
         bar = Progress(per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         first = start_batch if epoch == start_epoch else 0
@@ -170,6 +184,9 @@ def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=No
             bar.update(b + 1, float(np.mean(losses[-20:])) if losses else float("nan"))
             if on_step:
                 on_step(epoch, b, result)
+            check_point(epoch * per_epoch + b + 1)
+            if epoch * per_epoch + b + 1 >= last:
+                break
         record = {"epoch": epoch + 1, "steps": optimizer.steps, "train_loss": float(np.mean(losses)) if losses
                   else float("nan"), "seconds": seconds}
         if val_data is not None:
