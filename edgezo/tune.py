@@ -131,8 +131,10 @@ def _start_ray(settings):
     import ray
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no status tables
+    import warnings
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", module="optuna")  # a trial restarted by --resume re-reports its steps
     kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, ignore_reinit_error=True)
     ray.init(address=settings.address, **kw) if settings.address else ray.init(num_cpus=os.cpu_count(), **kw)
 
@@ -184,12 +186,18 @@ def tune_run(settings, log=print):
     seconds = time.perf_counter() - start
     trials = collect(results, settings.steps)
     check(any(t["val_loss"] is not None for t in trials), "no trial reported a validation loss (see DIR/ray)")
-    return write_outputs(out, settings, space, trials, seconds, log)
+    if (out / "tune.json").exists():  # a resumed tune: its seconds add to the earlier ones
+        seconds += json.loads((out / "tune.json").read_text())["seconds"]
+    best = write_outputs(out, settings, space, trials, seconds, log)
+    if len(trials) < settings.trials and not settings.time_budget_min:
+        log(f"stopped after {len(trials)} of {settings.trials} trials: `edgezo tune --resume {out}` continues")
+    return best
 
 
-def command(settings, params, out):
-    """The `edgezo train` command that reproduces a trial with these tuned values."""
-    config = replace(settings.config(), **params, out=str(out))
+def command(settings, params, out, steps=None):
+    """The `edgezo train` command that reproduces a trial with these tuned values (to `steps`, where a trial
+    stopped early)."""
+    config = replace(settings.config(), **params, out=str(out), steps=steps or settings.steps)
     return shlex.join(["edgezo", "train", *config.argv()])
 
 

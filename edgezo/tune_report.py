@@ -28,7 +28,9 @@ def collect(results, steps):
                        "settings": dict(result.config or {}), "val_loss": last.get("val_loss"),
                        "val_accuracy": last.get("val_accuracy"), "step": last.get("step"), "curve": curve,
                        "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500]})
-    return sorted(trials, key=lambda t: (t["val_loss"] is None or not math.isfinite(t["val_loss"]),
+    # a loss at an earlier step does not compare with one after every step: trials that ran them all rank first
+    return sorted(trials, key=lambda t: (t["status"] != "finished",
+                                         t["val_loss"] is None or not math.isfinite(t["val_loss"]),
                                          t["val_loss"] if t["val_loss"] is not None else 0.0))
 
 
@@ -49,6 +51,7 @@ def plot(trials, space, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     names = [n for n, d in space.items() if d.kind != "fixed"]
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(5 + 3.5 * len(names), 4), squeeze=False)
     ax = axes[0][0]
@@ -59,16 +62,19 @@ def plot(trials, space, path):
                     color="C3" if best else "0.6", lw=2.2 if best else 0.8, zorder=3 if best else 1,
                     label=f"best ({t['trial_id']})" if best else None)
     ax.set(xlabel="step", ylabel="validation loss", title="trials (ASHA stops poor ones early)")
-    ax.set_yscale("log")
+    done = [t for t in trials if t["val_loss"] is not None]
+    losses = [p["val_loss"] for t in done for p in t["curve"]] or [1.0]
+    yscale = "log" if min(losses) > 0 and max(losses) > 10 * min(losses) else "linear"  # log only when it helps
+    ax.set_yscale(yscale)
     if trials[0]["curve"]:
         ax.legend()
-    done = [t for t in trials if t["val_loss"] is not None]
     for ax, name in zip(axes[0][1:], names):
         xs = [t["settings"].get(name) for t in done]
         ax.scatter(xs, [t["val_loss"] for t in done], c=["C3" if t is trials[0] else "C0" for t in done], s=18)
-        ax.set(xlabel=name, ylabel="final validation loss", yscale="log")
+        ax.set(xlabel=name, ylabel="last validation loss", yscale=yscale)
         if space[name].log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -78,7 +84,7 @@ def write_outputs(out, settings, space, trials, seconds, log):
     from .runtime.files import save_json
     from .tune import command
     best = trials[0]
-    reproduce = command(settings, best["settings"], out / "best_run")
+    reproduce = command(settings, best["settings"], out / "best_run", steps=best["step"])
     finished = sum(t["status"] != "error" for t in trials)
     summary = {"optimizer": settings.base["optimizer"], "artifact": settings.base["artifact"],
                "space": describe(space), "steps": settings.steps, "eval_every": settings.eval_every,
