@@ -122,9 +122,20 @@ def _plan_memory(settings, space, log):
     planner = Planner(config.artifact, budget=budget)
     plan = planner.plan(settings.memory_limit_mb, config.engine_memory_mb)
     check("batch_size" not in space, "--memory-limit-mb chooses the batch size: leave batch_size out of --space")
-    log(f"every trial: --batch-size {plan['batch_size']} --engine-memory-mb {plan['engine_memory_mb']:.0f} "
-        f"(predicted peak {plan['predicted_peak_mb']:.0f} MiB)")
-    settings.base.update(batch_size=plan["batch_size"], engine_memory_mb=plan["engine_memory_mb"])
+    batch = min(config.batch_size, plan["batch_size"])  # the given batch, smaller where it does not fit
+    peak = planner.predict(batch, planner.n, plan["engine_memory_mb"])
+    log(f"every trial: --batch-size {batch} --engine-memory-mb {plan['engine_memory_mb']:.0f} "
+        f"(predicted peak {peak:.0f} MiB of {settings.memory_limit_mb:.0f})")
+    settings.base.update(batch_size=batch, engine_memory_mb=plan["engine_memory_mb"])
+
+
+def _check_data(config):
+    """The trials' data and batch size, checked once here rather than failing in every trial."""
+    from .runtime.data import check_batch_size, num_rows
+    from .runtime.manifest import read
+    from .runtime.run import load_train_val
+    train, _ = load_train_val(config, read(Path(config.artifact) / "manifest.json"))
+    check_batch_size(config.batch_size, num_rows(train))
 
 
 def _start_ray(settings):
@@ -137,6 +148,7 @@ def _start_ray(settings):
     warnings.filterwarnings("ignore", module="optuna")  # a trial restarted by --resume re-reports its steps
     kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, ignore_reinit_error=True)
     ray.init(address=settings.address, **kw) if settings.address else ray.init(num_cpus=os.cpu_count(), **kw)
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # a failed trial gets our one line, its error stays
 
 
 def _tuner(settings, space, trainable, log):
@@ -172,6 +184,7 @@ def tune_run(settings, log=print):
     if settings.memory_limit_mb and not (out / "ray").exists():
         _plan_memory(settings, space, log)
     config = settings.config().check()
+    _check_data(config)
     from .runtime.files import save_json
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / TUNE_CONFIG, asdict(settings))
@@ -247,7 +260,8 @@ def add_parser(sub):
     p.add_argument("--concurrent", type=int, default=1, help="trials at once (each gets cores/concurrent threads)")
     p.add_argument("--threads", type=int, help="onnxruntime threads per trial (default: cores / --concurrent)")
     p.add_argument("--grace-steps", type=int, help="ASHA: no trial is stopped before this step (default 2 evals)")
-    p.add_argument("--time-budget-min", type=float, help="stop starting trials after this many minutes")
+    p.add_argument("--time-budget-min", type=float, help="end the tune after this many minutes (running trials "
+                   "stop where they are)")
     p.add_argument("--memory-limit-mb", type=float, help="keep every trial within this memory (the planner "
                    "chooses batch size and engine chunk)")
     p.add_argument("--address", help="an existing Ray cluster (default: a local Ray started here)")
