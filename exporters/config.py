@@ -14,16 +14,20 @@ class Selection:
     last_layers: int = _flag("train the last K Gemm/MatMul/Conv layers", metavar="K")
     norms: bool = _flag("train BatchNorm/LayerNorm scale and shift", default=False, flag=True)
     biases: bool = _flag("train every bias (BitFit)", default=False, flag=True)
+    scales: bool = _flag("quantized (QDQ int8) models: train every quantized weight's scales, per channel or per "
+                         "tensor, as log-factors (scale0 * exp(t)); tied int32 biases are re-quantized with them",
+                         default=False, flag=True)
     lora: int = _flag("train low-rank adapters (A [r, in], B [out, r], B = 0 at start) beside the frozen "
                       "Gemm/MatMul/Conv weights; write-back merges them into the weights", metavar="RANK")
     lora_targets: str = _flag("--lora: only the layers whose weight or node name matches", metavar="GLOB")
 
     def given(self):
-        return bool(self.trainable or self.last_layers or self.norms or self.biases)
+        return bool(self.trainable or self.last_layers or self.norms or self.biases or self.scales)
 
     def tensors(self):
         """The keyword arguments of onnx_import.choose."""
-        return dict(trainable=self.trainable, last_layers=self.last_layers, norms=self.norms, biases=self.biases)
+        return dict(trainable=self.trainable, last_layers=self.last_layers, norms=self.norms, biases=self.biases,
+                    scales=self.scales)
 
 
 @dataclass

@@ -22,7 +22,8 @@ from ..runtime.writeback import edgezo_version, write_back  # noqa: F401  (expor
 PARAMS_INPUT = "params"
 OPSET = 18
 _DTYPES = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.INT64: "int64",
-           TensorProto.INT32: "int32", TensorProto.FLOAT16: "float16"}
+           TensorProto.INT32: "int32", TensorProto.FLOAT16: "float16", TensorProto.INT8: "int8",
+           TensorProto.UINT8: "uint8"}
 TRAINABLE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)  # fp16 weights train as float32 values cast in the graph
 
 
@@ -104,13 +105,16 @@ def check_model(model, what):
         raise EdgezoError(f"{what} is not a valid ONNX model: {first}") from None
 
 
-def build_manifest(*, trainable, frozen, inputs, targets, outputs, loss, files, source, pte_batch=None, lora=()):
+def build_manifest(*, trainable, frozen, inputs, targets, outputs, loss, files, source, pte_batch=None, lora=(),
+                   quantized=None):
     manifest = {"format_version": FORMAT_VERSION, "num_params": sum(e["size"] for e in trainable),
                 "params_input": PARAMS_INPUT, "trainable": trainable, "frozen": frozen, "inputs": inputs,
                 "targets": targets, "outputs": outputs, "loss": loss, "files": files, "opset": OPSET,
                 "source": dict(source, edgezo_version=edgezo_version())}
     if lora:
         manifest["lora"] = list(lora)  # adapters: merged into their weights at write-back
+    if quantized:
+        manifest["quantized"] = quantized  # how write-back stores trained scales, biases and weights quantized
     if pte_batch is not None:
         manifest["pte_batch"] = pte_batch  # an ExecuTorch program has a fixed batch size
     return validate(manifest, "manifest (being written)")

@@ -17,6 +17,7 @@ from ..runtime.errors import EdgezoError, check
 from ..runtime.loss import loss_nodes
 from . import onnx_prepare as prep
 from .lora import add_lora, lora_targets
+from .quant import prepare_quantized, quantized_tensors, weight_scales
 from .onnx_graph import (TRAINABLE_TYPES, build_manifest, check_model, flatten_trainable, tensor_entry, value_info,
                          write_artifact)
 from .smoke import smoke_test
@@ -58,7 +59,14 @@ def list_tensors(model):
 
 
 def _floats(model):
-    return {t.name for t in model.graph.initializer if t.data_type in TRAINABLE_TYPES}
+    """The trainable initializers: float32/float16 ones and quantized int8/int32 ones (trained as floats)."""
+    return ({t.name for t in model.graph.initializer if t.data_type in TRAINABLE_TYPES}
+            | set(quantized_tensors(model)))
+
+
+def _alias(model):
+    """Identity aliases, and a DequantizeLinear's output as its quantized initializer."""
+    return {**prep.aliases(model), **{q.dequantized: q.name for q in quantized_tensors(model).values()}}
 
 
 def _consumers(model):
@@ -81,16 +89,17 @@ def _weights(node, floats, alias):
 
 def layers(model):
     """The Gemm/MatMul/Conv nodes with float initializer weights, in graph order."""
-    floats, alias = _floats(model), prep.aliases(model)
+    floats, alias = _floats(model), _alias(model)
     return [n for n in model.graph.node if n.op_type in LAYER_OPS and _weights(n, floats, alias)]
 
 
 def last_layer_tensors(model, k):
     """The float initializers of the last k Gemm/MatMul/Conv nodes (with a MatMul's bias Add)."""
     check(isinstance(k, int) and k >= 1, f"--last-layers must be >= 1, got {k}")
-    floats, alias, consumers = _floats(model), prep.aliases(model), _consumers(model)
+    floats, alias, consumers = _floats(model), _alias(model), _consumers(model)
     found = layers(model)
-    check(found, "the model has no Gemm/MatMul/Conv layer with float weights (initializers or Constant nodes)")
+    check(found, "the model has no Gemm/MatMul/Conv layer with float or quantized weights (initializers or "
+                 "Constant nodes)")
     check(k <= len(found), f"--last-layers {k}: the model has only {len(found)} such layers")
     names = []
     for node in found[-k:]:
@@ -103,7 +112,7 @@ def last_layer_tensors(model, k):
 
 def norm_tensors(model):
     """Scale and shift of every BatchNorm / LayerNorm / InstanceNorm / GroupNorm (--norms)."""
-    floats, alias = _floats(model), prep.aliases(model)
+    floats, alias = _floats(model), _alias(model)
     names = []
     for node in model.graph.node:
         if node.op_type in NORM_OPS:
@@ -113,7 +122,7 @@ def norm_tensors(model):
 
 def bias_tensors(model):
     """Every bias (--biases, BitFit): Gemm C, Conv B, the 1-D Add after a MatMul, norm shifts."""
-    floats, alias, consumers = _floats(model), prep.aliases(model), _consumers(model)
+    floats, alias, consumers = _floats(model), _alias(model), _consumers(model)
     names = []
     for node in model.graph.node:
         picks, add = [], _bias_add(node, consumers)
@@ -131,7 +140,7 @@ def bias_tensors(model):
 def select_tensors(model, patterns):
     """Initializer names matching any glob pattern (on its name or an Identity alias's), in graph order."""
     by_name = {t.name: t for t in model.graph.initializer}
-    alias = prep.aliases(model)
+    alias, trainable_names = prep.aliases(model), _floats(model)
     names_of = {n: [n] + [a for a, src in alias.items() if src == n] for n in by_name}
 
     def hit(name, pattern):
@@ -141,22 +150,23 @@ def select_tensors(model, patterns):
         hits = [n for n in by_name if hit(n, pattern)]
         check(hits, f"--trainable {pattern!r} matches no tensor of the model (see --list)")
         if any(c in pattern for c in "*?["):  # a glob takes the float tensors it matches (not shape constants)
-            floats = [n for n in hits if by_name[n].data_type in TRAINABLE_TYPES]
+            floats = [n for n in hits if n in trainable_names]
             check(floats, f"--trainable {pattern!r} matches only non-float tensors ({hits[0]!r}, ...)")
             hits = floats
         for name in hits:
-            check(by_name[name].data_type in TRAINABLE_TYPES,
+            check(name in trainable_names,
                   f"--trainable {pattern!r}: tensor {name!r} is "
-                  f"{TensorProto.DataType.Name(by_name[name].data_type)}, only float32 and float16 tensors can be trained")
+                  f"{TensorProto.DataType.Name(by_name[name].data_type)}, only float32 and float16 tensors and quantized "
+                  "weights and biases (read by a DequantizeLinear) can be trained")
         chosen.update(hits)
     return [n for n in by_name if n in chosen]
 
 
-def choose(model, trainable=None, last_layers=None, norms=False, biases=False):
+def choose(model, trainable=None, last_layers=None, norms=False, biases=False, scales=False):
     """The union of the selections given, in graph order; at least one must be given."""
-    check(trainable or last_layers or norms or biases,
-          "choose what to train: --trainable PATTERN..., --last-layers K, --norms, --biases and/or --lora R")
-    names = []
+    check(trainable or last_layers or norms or biases or scales, "choose what to train: --trainable PATTERN..., "
+          "--last-layers K, --norms, --biases, --scales (quantized models) and/or --lora R")
+    names = weight_scales(model) if scales else []
     if trainable:
         names += select_tensors(model, trainable)
     if last_layers is not None:
@@ -269,7 +279,7 @@ def pick_loss(model, loss, output):
 
 
 def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None, output=None, norms=False,
-                biases=False, lora=None, lora_targets_glob=None, num_classes=None, fix_input=None, batch_axis=None,
+                biases=False, scales=False, lora=None, lora_targets_glob=None, num_classes=None, fix_input=None, batch_axis=None,
                 seed=0, log=print, config=None, sample_data=None):
     """Make an artifact from an ONNX inference model. Choose tensors with `trainable` globs, `last_layers`,
     `norms`, `biases` (combinable) and/or `lora` rank (adapters beside `lora_targets_glob` layers). `config`: an
@@ -283,8 +293,8 @@ def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None
     outputs = [o.name for o in model.graph.output]
     output = output or outputs[0]
     check(output in outputs, f"--output {output!r} is not an output of the model ({outputs})")
-    names = choose(model, trainable, last_layers, norms, biases) if (trainable or last_layers or norms or biases
-                                                                       or not lora) else []
+    selected = trainable or last_layers or norms or biases or scales
+    names = choose(model, trainable, last_layers, norms, biases, scales) if selected or not lora else []
     adapters = lora_targets(model, lora_targets_glob) if lora else []
     check_not_in_subgraphs(model, names + [a["weight"] for a in adapters])
     for line in shared_notices(model, names):
@@ -307,7 +317,11 @@ def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None
         model, adapters = add_lora(model, adapters, lora, seed)
         names = names + [e for a in adapters for e in (a["A"], a["B"])]
     with_loss, classes = append_loss(model, loss, moved.get(output, output), head)
-    loss_model, entries, frozen, flat = flatten_trainable(with_loss, names)
+    with_loss, renamed, quantized = prepare_quantized(with_loss, names)
+    loss_model, entries, frozen, flat = flatten_trainable(with_loss, [renamed.get(n, n) for n in names])
+    for e in entries:
+        if e["name"] in renamed.values():
+            e["quantized"] = True  # its value is stored quantized (manifest "quantized" says how)
     check_model(loss_model, "the loss graph built from the model")
     inputs = [i for i in loss_model.graph.input if i.name in {d.name for d in data_inputs}]
     out = next(o for o in loss_model.graph.output if o.name not in ("loss", "losses"))
@@ -324,7 +338,7 @@ def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None
         source={"kind": "onnx", "model": str(Path(model_path).resolve()), "constants": sorted(constants),
                 "fixed_inputs": sorted(fixed), "batch_axes": {k: v for k, v in axes.items() if v},
                 "num_classes": num_classes},
-        lora=adapters)
+        lora=adapters, quantized=quantized)
     return write_artifact(out_dir, manifest, flat, {"loss.onnx": loss_model, "inference.onnx": original})
 
 

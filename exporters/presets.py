@@ -3,22 +3,24 @@ import numpy as np
 
 from . import onnx_prepare as prep
 from .lora import OPS as LORA_OPS, _sizes, lora_targets
-from .onnx_import import bias_tensors, layers, list_tensors, norm_tensors, prepare
+from .onnx_import import _alias, _floats, bias_tensors, layers, list_tensors, norm_tensors, prepare
+from .quant import describe as describe_quantized, quantized_tensors
 
 LORA_RANK = 4  # the rank the listing counts adapters at
 
 
 def preset_rows(model):
     """Per node that reads float weights: {layer, op, params, last_k, norms, biases, lora}."""
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == 1}
-    alias = prep.aliases(model)
+    trainable = _floats(model)  # float weights, and quantized ones (trained as floats)
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer if t.name in trainable}
+    alias = _alias(model)
     norms, biases = set(norm_tensors(model)), set(bias_tensors(model))
     order = [n.name or f"{n.op_type}#{i}" for i, n in enumerate(layers(model))]
     lora = {t["weight"]: LORA_RANK * sum(_sizes(t)) for t in _lora_or_empty(model)}
     rows, seen = [], set()
     for i, node in enumerate(model.graph.node):
         weights = [alias.get(n, n) for n in node.input if alias.get(n, n) in sizes]
-        if not weights or node.op_type in ("Identity",):
+        if not weights or node.op_type in ("Identity", "QuantizeLinear", "DequantizeLinear"):  # Q/DQ: at its layer
             continue
         name = node.name or f"{node.op_type}#{i}"
         fresh = [w for w in weights if w not in seen]
@@ -62,6 +64,14 @@ def print_listing(original, path):
         if t["constant"]:
             notes.append("Constant node")
         print(f"{t['name']:<40} {str(t['shape']):<18} {t['dtype']:<8} {t['size']:>9}  {'; '.join(notes)}")
+    quantized = describe_quantized(model)
+    if quantized:
+        scales = {q.scale: 0 for q in quantized_tensors(model).values() if q.role == "weight"}
+        count = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.name in scales)
+        print(f"\nquantized (QDQ): {len(quantized)} tensors; --scales trains {count} weight scales "
+              f"({len(scales)} tensors), --biases the int32 biases as floats, --last-layers / --trainable float "
+              "master weights (re-quantized as deployed)")
+        print("\n".join(quantized))
     rows = preset_rows(model)
     print(f"\n{'layer':<36} {'op':<20} {'params':>9} {'last-K':>6} {'--norms':>8} {'--biases':>8} "
           f"{f'--lora {LORA_RANK}':>9}")

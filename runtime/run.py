@@ -205,7 +205,7 @@ def write_run(out, artifact, batch_size, epochs, seed, inference_path, manifest,
     save_npy(out / "params.npy", params)
     write_back(inference_path, manifest["trainable"], params, out / "trained.onnx",
                {"optimizer": metrics["optimizer"], "settings": metrics.get("settings", {}), "steps": metrics["steps"]},
-               lora=manifest.get("lora", ()))
+               lora=manifest.get("lora", ()), quantized=manifest.get("quantized"))
     save_json(out / "metrics.json", metrics)
     log(f"wrote {out}/params.npy, trained.onnx, metrics.json")
     return metrics
@@ -265,4 +265,4 @@ def write_back_params(artifact, params_path, out, label="params "):
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     meta = {k: metrics[k] for k in ("optimizer", "settings", "steps") if k in metrics}
     return write(artifact / manifest["files"]["inference"], manifest["trainable"], params, out, meta,
-                 lora=manifest.get("lora", ()))
+                 lora=manifest.get("lora", ()), quantized=manifest.get("quantized"))

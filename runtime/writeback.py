@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from .errors import EdgezoError, check
 from .files import atomic_write
+from .quant import dequantize, quantize, requantize_bias
 
 
 def edgezo_version():
@@ -35,9 +36,36 @@ def merge(weights, lora, values):
             for t in lora}
 
 
-def write_back(inference_path, trainable, params, out_path, metadata=None, lora=()):
+def quantized_updates(section, tensors, values):
+    """{tensor name: array in its own precision} for a quantized model's trained scales, biases and weights (the
+    manifest's "quantized" section; `values`: {entry name: float32 array})."""
+    def own(name):
+        return numpy_helper.to_array(tensors[name])
+    updates, factor = {}, {}
+    for s in section["scales"]:
+        factor[s["scale"]] = np.exp(values[s["entry"]]).astype(np.float32)
+        scale = (own(s["scale"]) * factor[s["scale"]]).astype(np.float32)
+        check(np.all(np.isfinite(scale)) and np.all(scale > 0), f"the trained scale {s['scale']!r} is not a "
+              f"positive finite float32 (min {scale.min():.3g}): it cannot be written back")
+        updates[s["scale"]] = scale
+    for b in section["biases"]:
+        scale0, q0 = own(b["scale"]), own(b["tensor"])
+        value = values[b["entry"]] if b["entry"] else dequantize(q0, scale0)
+        scale = (scale0 * factor[b["weight_scale"]]).astype(np.float32) if b["weight_scale"] else scale0
+        updates[b["tensor"]] = requantize_bias(value, scale, b["tensor"]).reshape(q0.shape)
+        updates[b["scale"]] = scale.reshape(scale0.shape)
+    for w in section["weights"]:
+        scale = updates.get(w["scale"], own(w["scale"]))
+        zp = own(w["zero_point"]) if w["zero_point"] else None
+        kind = np.int8 if zp is None and own(w["tensor"]).dtype == np.int8 else own(w["tensor"]).dtype
+        updates[w["tensor"]] = quantize(values[w["entry"]], scale, zp, w["axis"], kind)
+    return updates
+
+
+def write_back(inference_path, trainable, params, out_path, metadata=None, lora=(), quantized=None):
     """The inference model at `inference_path` with the trainable tensors set from `params`: initializers
-    or Constant nodes (written back as Constant nodes); LoRA adapters merged into their weights."""
+    or Constant nodes (written back as Constant nodes); LoRA adapters merged into their weights; a quantized
+    model's trained scales, biases and weights stored in its own precision (int8 stays int8)."""
     model = onnx.load(str(inference_path))
     tensors = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
@@ -48,12 +76,15 @@ def write_back(inference_path, trainable, params, out_path, metadata=None, lora=
     values = {e["name"]: np.asarray(params[e["offset"]:e["offset"] + e["size"]], np.float32).reshape(e["shape"])
               for e in trainable}
     factors = {name for t in lora for name in (t["A"], t["B"])}
+    factors |= {e["name"] for e in trainable if e.get("quantized")}
     updates = {name: v for name, v in values.items() if name not in factors}
     weights = {}
     for t in lora:
         check(t["weight"] in tensors, f"{inference_path}: has no weight {t['weight']!r} for a LoRA adapter")
         weights[t["weight"]] = updates.get(t["weight"], numpy_helper.to_array(tensors[t["weight"]]))
     updates.update(merge(weights, lora, values))
+    if quantized:
+        updates.update(quantized_updates(quantized, tensors, values))
     for name, value in updates.items():
         tensor = tensors.get(name)
         if tensor is None:

@@ -1,0 +1,165 @@
+"""int8 models in QDQ form (onnxruntime's quantize_static): what is quantized, and how the loss graph trains it.
+
+A quantized weight is an int8/uint8 initializer read by a DequantizeLinear (its scale and zero point are
+initializers, per tensor or per channel); a quantized bias is an int32 initializer whose DequantizeLinear
+scale is input scale x weight scale. Three things train, each as float32 values in the one params vector:
+- a weight scale (--scales) as a log-factor t, init 0: scale = scale0 * exp(t) (scales span decades: one eps
+  fits them all, and a scale stays > 0);
+- a bias (--biases) as its float value b, fake-quantized in the graph at the current bias scale
+  (bias_scale0 * exp(t) of its weight's scale): round(b / s) * s, as the deployed int32 bias will be;
+- a weight (--last-layers, --trainable) as a float master w, quantized in the graph by QuantizeLinear at the
+  current scale, so training sees what deploys.
+A bias whose weight scale trains is re-quantized with it even where the bias itself is frozen: onnxruntime's QDQ
+fusion (QLinearConv, QGemm) reads an int32 bias at input scale x weight scale, so a weight scale must not
+silently rescale its bias. `prepare_quantized` rewrites the graph so that flatten_trainable sees float
+initializers only; the manifest's "quantized" section tells write-back how to store the values again.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from ..runtime.errors import check
+from . import onnx_prepare as prep
+
+WEIGHT_TYPES = (TensorProto.INT8, TensorProto.UINT8)
+BIAS_TYPES = (TensorProto.INT32,)
+
+
+@dataclass
+class QTensor:
+    name: str            # the quantized initializer
+    role: str            # "weight" or "bias"
+    scale: str
+    zero_point: str
+    axis: int
+    dequantized: str     # the DequantizeLinear's output (what the layer reads)
+    consumer: str = ""   # the op type reading it
+    weight: str = None   # a bias: its layer's weight (a QTensor name), whose scale it follows
+
+
+def _axis(node):
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def quantized_tensors(model):
+    """{initializer name: QTensor} of the DequantizeLinear nodes that read an int8/uint8/int32 initializer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = {}
+    for node in model.graph.node:
+        for k, i in enumerate(node.input):
+            consumers.setdefault(i, []).append((node, k))
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        kind = inits[node.input[0]].data_type
+        if kind not in WEIGHT_TYPES + BIAS_TYPES or node.input[1] not in inits:
+            continue
+        readers = consumers.get(node.output[0], [])
+        found[node.input[0]] = QTensor(node.input[0], "weight" if kind in WEIGHT_TYPES else "bias", node.input[1],
+                                       node.input[2] if len(node.input) > 2 else "", _axis(node), node.output[0],
+                                       readers[0][0].op_type if readers else "")
+    by_output = {q.dequantized: q for q in found.values()}
+    for node in model.graph.node:  # a layer reading a quantized weight (input 1) and bias (input 2)
+        ins = list(node.input)
+        if len(ins) > 2 and ins[1] in by_output and ins[2] in by_output and by_output[ins[2]].role == "bias":
+            by_output[ins[2]].weight = by_output[ins[1]].name
+    return found
+
+
+from ..runtime.quant import dequantize  # noqa: E402  (numpy; write-back on the device uses it too)
+
+
+def describe(model):
+    """--list lines for a quantized model: one per quantized layer input (weight/bias), with scales and zero
+    points and their precision."""
+    inits = {t.name: t for t in model.graph.initializer}
+    lines = []
+    for q in quantized_tensors(model).values():
+        t, s = inits[q.name], inits[q.scale]
+        kind = TensorProto.DataType.Name(t.data_type).lower()
+        per = f"per-channel axis {q.axis} ({int(np.prod(s.dims))} scales)" if np.prod(s.dims) > 1 else "per-tensor"
+        zp = ""
+        if q.zero_point in inits:
+            z = numpy_helper.to_array(inits[q.zero_point])
+            zp = " symmetric (zero point 0)" if not np.any(z) else " asymmetric"
+        lines.append(f"  {q.role:<6} {q.name!r} {kind} {list(t.dims)} of {q.consumer or '?'}: scale {q.scale!r} "
+                     f"{per}{zp}" + (f"; follows {q.weight!r}'s scale" if q.weight else ""))
+    return lines
+
+
+def weight_scales(model):
+    """--scales: the scale initializers of every quantized weight, in graph order (shared ones once)."""
+    names = [q.scale for q in quantized_tensors(model).values() if q.role == "weight"]
+    check(names, "--scales: the model has no quantized weights (DequantizeLinear of an int8/uint8 initializer)")
+    return list(dict.fromkeys(names))
+
+
+def _dtype(model, name):
+    return next(t.data_type for t in model.graph.initializer if t.name == name)
+
+
+def prepare_quantized(model, names):
+    """The model with each chosen quantized tensor or weight scale (in `names`) replaced by a float initializer
+    plus the nodes that quantize it; returns (model, renamed {chosen name: float initializer name}, section for
+    the manifest). Tied biases of trained scales are re-quantized too (see the module's docstring)."""
+    qmap = quantized_tensors(model)
+    scales = {q.scale for q in qmap.values() if q.role == "weight"}
+    chosen = [n for n in names if n in qmap or n in scales]
+    if not chosen:
+        return model, {}, None
+    model = prep.copy(model)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    value = {n: numpy_helper.to_array(inits[n]) for n in inits}
+    renamed, section, nodes = {}, {"scales": [], "biases": [], "weights": []}, []
+
+    def add_init(name, array):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+
+    factor = {}  # trained scale name -> the graph value of exp(t)
+    for s in [n for n in chosen if n in scales]:
+        check(_dtype(model, s) == TensorProto.FLOAT, f"--scales: {s!r} is not a float32 scale")
+        t, base = f"{s}__log_factor", f"{s}__base"
+        add_init(t, np.zeros_like(value[s], np.float32))
+        inits[s].name = base
+        nodes += [helper.make_node("Exp", [t], [f"{s}__factor"]), helper.make_node("Mul", [base, f"{s}__factor"], [s])]
+        factor[s] = f"{s}__factor"
+        renamed[s] = t
+        section["scales"].append({"scale": s, "entry": t})
+    for q in qmap.values():
+        weight_scale = qmap[q.weight].scale if q.role == "bias" and q.weight in qmap else None
+        follows = weight_scale in factor
+        if q.role == "bias" and (q.name in chosen or follows):
+            b = f"{q.name}__float"
+            add_init(b, dequantize(value[q.name], value[q.scale], None, q.axis))
+            current = q.scale
+            if follows:
+                current = f"{q.scale}__current"
+                nodes.append(helper.make_node("Mul", [q.scale, factor[weight_scale]], [current]))
+            nodes += [helper.make_node("Div", [b, current], [f"{b}__steps"]),
+                      helper.make_node("Round", [f"{b}__steps"], [f"{b}__rounded"]),
+                      helper.make_node("Mul", [f"{b}__rounded", current], [q.dequantized])]
+            graph.node.remove(next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.name))
+            if q.name in chosen:
+                renamed[q.name] = b
+            graph.initializer.remove(inits[q.name])
+            section["biases"].append({"tensor": q.name, "scale": q.scale, "weight_scale": weight_scale if follows
+                                      else None, "entry": b if q.name in chosen else None})
+        elif q.role == "weight" and q.name in chosen:
+            w = f"{q.name}__float"
+            zp = value.get(q.zero_point)
+            add_init(w, dequantize(value[q.name], value[q.scale], zp, q.axis))
+            check(q.zero_point or _dtype(model, q.name) == TensorProto.UINT8,
+                  f"{q.name!r}: an int8 weight without a zero point (QuantizeLinear would make it uint8)")
+            inputs = [w, q.scale] + ([q.zero_point] if q.zero_point else [])
+            nodes.append(helper.make_node("QuantizeLinear", inputs, [q.name], axis=q.axis))
+            graph.initializer.remove(inits[q.name])
+            renamed[q.name] = w
+            section["weights"].append({"tensor": q.name, "scale": q.scale, "zero_point": q.zero_point or None,
+                                       "axis": q.axis, "entry": w})
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)
+    return prep.sort_nodes(model), renamed, section
