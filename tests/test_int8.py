@@ -1,0 +1,154 @@
+"""int8 models in QDQ form, made here with onnxruntime.quantization.quantize_static from the deployed digit
+classifier: per-channel symmetric int8 and per-tensor asymmetric uint8. --list names what is quantized; --scales,
+--biases and --last-layers train; write-back keeps int8 (same ops, same dtypes, size within 5%) and the written
+file computes what training computed; a bias follows its weight's scale (onnxruntime's QDQ fusion on and off
+agree); faster paths equal naive within float32 rounding; unrepresentable values are one-line errors."""
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from conftest import DATASETS, run_cli
+from edgezo.exporters.onnx_import import export_onnx
+from edgezo.runtime import load_artifact
+from edgezo.runtime.data import load_idx_pair
+from edgezo.runtime.optim import CoCD
+
+MODEL = __import__("pathlib").Path(__file__).resolve().parents[1] / "edgezo" / "assets" / "digits_mobilenet.onnx"
+FORMS = {"per_channel_symmetric": dict(per_channel=True, weight="QInt8", activation="QInt8", symmetric=True),
+         "per_tensor_asymmetric": dict(per_channel=False, weight="QUInt8", activation="QUInt8", symmetric=False)}
+
+
+def quantize(path, per_channel, weight, activation, symmetric):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    x, _ = load_idx_pair(DATASETS / "mnist" / "t10k-images-idx3-ubyte.gz")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": x[i:i + 32]} for i in range(0, 256, 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    quantize_static(str(MODEL), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    weight_type=getattr(QuantType, weight), activation_type=getattr(QuantType, activation),
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric})
+    return path
+
+
+@pytest.fixture(scope="module", params=list(FORMS))
+def qdq(request, tmp_path_factory):
+    return quantize(tmp_path_factory.mktemp("int8") / f"{request.param}.onnx", **FORMS[request.param])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    x, y = load_idx_pair(DATASETS / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")
+    path = tmp_path_factory.mktemp("data") / "d.npz"
+    np.savez(path, image=x[:256], target=y[:256].astype(np.int64))
+    return path, x[:256], y[:256].astype(np.int64)
+
+
+def session(path, optimize=False):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 4
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def cross_entropy(logits, y):
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+
+
+def test_list_shows_quantized_layers_as_such(qdq):
+    out = run_cli("export-onnx", qdq, "--list", check=True).stdout
+    symmetric = "per_channel" in qdq.name
+    assert "quantized (QDQ)" in out and "--scales trains" in out
+    assert f"weight '17.weight_quantized' {'int8' if symmetric else 'uint8'} [10, 32] of Gemm" in out
+    assert "bias   '17.bias_quantized' int32 [10] of Gemm" in out and "follows '17.weight_quantized''s scale" in out
+    assert ("per-channel axis 0 (10 scales) symmetric" if symmetric else "per-tensor asymmetric") in out
+    head = [line for line in out.splitlines() if line.startswith("/17/Gemm")]
+    assert head and head[0].split()[2] == "330"  # the int8 head counts as the 330 weights it trains as
+
+
+@pytest.mark.parametrize("selection", [["--scales", "--biases"], ["--last-layers", "1"]], ids=["scales_biases", "head"])
+def test_write_back_keeps_int8_and_computes_what_training_computed(qdq, data, tmp_path, selection):
+    path, x, y = data
+    art = tmp_path / "art"
+    run_cli("export-onnx", qdq, *selection, "--loss", "cross_entropy", "--out", art, check=True)
+    run_cli("train", art, "--data", path, "--val-data", path, "--budget", "40", "--lr", "0.05", "--eps", "0.05",
+            "--batch-size", "64", "--epochs", "2", "--out", tmp_path / "run", block_torch=True, check=True)
+    trained_path = tmp_path / "run" / "trained.onnx"
+    source, trained = onnx.load(qdq), onnx.load(trained_path)
+    assert Counter(n.op_type for n in trained.graph.node) == Counter(n.op_type for n in source.graph.node)
+    kinds = {t.name: (t.data_type, list(t.dims)) for t in trained.graph.initializer}
+    assert kinds == {t.name: (t.data_type, list(t.dims)) for t in source.graph.initializer}
+    assert abs(trained_path.stat().st_size / qdq.stat().st_size - 1) < 0.05
+    changed = [t.name for t in trained.graph.initializer
+               if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(
+                   next(s for s in source.graph.initializer if s.name == t.name)))]
+    assert changed and all("scale" in n or "quantized" in n for n in changed), changed
+    # the deployed int8 file's loss is the training graph's loss at the trained params (float32 rounding)
+    art_loaded = load_artifact(art, "cpu")
+    params = np.load(tmp_path / "run" / "params.npy")
+    trained_loss = art_loaded.outputs(params, {"image": x}, {"target": y})[0]
+    deployed = cross_entropy(session(trained_path).run(None, {"image": x})[0], y)
+    assert abs(deployed - trained_loss) < 1e-5 * max(1.0, abs(trained_loss)), (deployed, trained_loss)
+
+
+def test_a_bias_follows_its_weight_scale_so_fusion_on_and_off_agree(qdq, data, tmp_path):
+    """onnxruntime's QDQ fusion (QLinearConv, QGemm) reads an int32 bias at input scale x weight scale. A weight
+    scale changed alone rescales the bias in the fused graph only; edgezo's write-back re-quantizes the bias."""
+    _, x, y = data
+    art = export_onnx(qdq, tmp_path / "art", "cross_entropy", scales=True, log=lambda line: None)
+    manifest = load_artifact(art, "cpu").manifest
+    entry = next(e for e in manifest["trainable"] if e["name"] == "17.weight_scale__log_factor")
+    params = np.zeros(manifest["num_params"], np.float32)
+    params[entry["offset"]:entry["offset"] + entry["size"]] = np.log(1.5)
+    run_cli("write-back", art, _save(tmp_path / "p.npy", params), "--out", tmp_path / "edgezo.onnx", check=True)
+    naive = onnx.load(qdq)  # the scale alone, as a tool unaware of the tie would write it
+    scale = next(t for t in naive.graph.initializer if t.name == "17.weight_scale")
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.5), scale.name))
+    onnx.save(naive, tmp_path / "naive.onnx")
+    losses = {name: [cross_entropy(session(tmp_path / name, optimize).run(None, {"image": x})[0], y)
+                     for optimize in (False, True)] for name in ("edgezo.onnx", "naive.onnx")}
+    assert abs(losses["edgezo.onnx"][0] - losses["edgezo.onnx"][1]) < 1e-6, losses
+    assert abs(losses["naive.onnx"][0] - losses["naive.onnx"][1]) > 1e-3, losses
+
+
+def _save(path, array):
+    np.save(path, array)
+    return path
+
+
+def test_faster_paths_equal_naive_within_float32_rounding(qdq, data, tmp_path):
+    _, x, y = data
+    for selection in (dict(scales=True, biases=True), dict(last_layers=1)):
+        art = export_onnx(qdq, tmp_path / str(len(selection)), "cross_entropy", log=lambda line: None, **selection)
+        fast, naive = load_artifact(art, "cpu"), load_artifact(art, "cpu", engine="naive")
+        feed = fast.feeds(x[:32], y[:32])
+        params = fast.initial_params()
+        opt = CoCD(params.copy(), lr=0.1, eps=0.05, budget=24)
+        for _ in range(2):
+            probe = opt.ask()
+            a, b = fast.losses(params, probe, feed, feed), naive.naive_losses(params, probe, feed)
+            assert np.allclose(a, b, rtol=1e-5, atol=0), np.max(np.abs(a - b) / np.abs(b))
+            opt.tell(a)
+
+
+def test_unrepresentable_values_are_one_line_errors(qdq, tmp_path):
+    art = export_onnx(qdq, tmp_path / "art", "cross_entropy", scales=True, biases=True, log=lambda line: None)
+    manifest = load_artifact(art, "cpu").manifest
+    bias = next(e for e in manifest["trainable"] if e["name"] == "17.bias_quantized__float")
+    params = np.load(art / "params.npy")
+    params[bias["offset"]] = 1e12
+    proc = run_cli("write-back", art, _save(tmp_path / "p.npy", params), "--out", tmp_path / "x.onnx")
+    assert proc.returncode == 2 and "does not fit int32" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    params = np.load(art / "params.npy")
+    params[0] = -200.0  # a scale of scale0 * exp(-200) underflows to 0
+    proc = run_cli("write-back", art, _save(tmp_path / "q.npy", params), "--out", tmp_path / "x.onnx")
+    assert proc.returncode == 2 and "positive finite" in proc.stderr and not (tmp_path / "x.onnx").exists()
