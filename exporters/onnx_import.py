@@ -17,12 +17,12 @@ from ..runtime.errors import EdgezoError, check
 from ..runtime.loss import loss_nodes
 from . import onnx_prepare as prep
 from .lora import add_lora, lora_targets
-from .quant import prepare_quantized, quantized_tensors, weight_scales
+from .quant import prepare_quantized, qop_inputs, quantized_tensors, weight_scales
 from .onnx_graph import (TRAINABLE_TYPES, build_manifest, check_model, flatten_trainable, tensor_entry, value_info,
                          write_artifact)
 from .smoke import smoke_test
 
-LAYER_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
+LAYER_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose", "QLinearConv", "QGemm", "QLinearMatMul")
 NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
 TARGET = "target"
 
@@ -84,7 +84,9 @@ def _bias_add(node, consumers):
 
 
 def _weights(node, floats, alias):
-    return [alias.get(i, i) for i in node.input if alias.get(i, i) in floats]
+    """The trainable tensors a node reads (a QOperator layer: its weight and bias, not its scales)."""
+    inputs = qop_inputs(node) or node.input
+    return [alias.get(i, i) for i in inputs if alias.get(i, i) in floats]
 
 
 def layers(model):
@@ -128,6 +130,8 @@ def bias_tensors(model):
         picks, add = [], _bias_add(node, consumers)
         if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.input) > 2:
             picks = [node.input[2]]
+        elif qop_inputs(node):
+            picks = qop_inputs(node)[1:]
         elif add is not None:
             picks = [i for i in add.input if i != node.output[0]]
         elif node.op_type in NORM_OPS and len(node.input) > 2:

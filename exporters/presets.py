@@ -4,7 +4,7 @@ import numpy as np
 from . import onnx_prepare as prep
 from .lora import OPS as LORA_OPS, _sizes, lora_targets
 from .onnx_import import _alias, _floats, bias_tensors, layers, list_tensors, norm_tensors, prepare
-from .quant import describe as describe_quantized, quantized_tensors
+from .quant import describe as describe_quantized, qop_inputs, quantized_tensors
 
 LORA_RANK = 4  # the rank the listing counts adapters at
 
@@ -19,7 +19,7 @@ def preset_rows(model):
     lora = {t["weight"]: LORA_RANK * sum(_sizes(t)) for t in _lora_or_empty(model)}
     rows, seen = [], set()
     for i, node in enumerate(model.graph.node):
-        weights = [alias.get(n, n) for n in node.input if alias.get(n, n) in sizes]
+        weights = [alias.get(n, n) for n in (qop_inputs(node) or node.input) if alias.get(n, n) in sizes]
         if not weights or node.op_type in ("Identity", "QuantizeLinear", "DequantizeLinear"):  # Q/DQ: at its layer
             continue
         name = node.name or f"{node.op_type}#{i}"
@@ -68,7 +68,7 @@ def print_listing(original, path):
     if quantized:
         scales = {q.scale: 0 for q in quantized_tensors(model).values() if q.role == "weight"}
         count = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.name in scales)
-        print(f"\nquantized (QDQ): {len(quantized)} tensors; --scales trains {count} weight scales "
+        print(f"\nquantized: {len(quantized)} tensors; --scales trains {count} weight scales "
               f"({len(scales)} tensors), --biases the int32 biases as floats, --last-layers / --trainable float "
               "master weights (re-quantized as deployed)")
         print("\n".join(quantized))

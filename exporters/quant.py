@@ -26,6 +26,25 @@ WEIGHT_TYPES = (TensorProto.INT8, TensorProto.UINT8)
 BIAS_TYPES = (TensorProto.INT32,)
 
 
+# QOperator layers: input positions of (weight, weight scale, weight zero point, bias, input scale)
+QOPS = {"QLinearConv": (3, 4, 5, 8, 1), "QGemm": (3, 4, 5, 6, 1), "QLinearMatMul": (3, 4, 5, None, 1)}
+
+
+def qop_inputs(node):
+    """A QOperator layer's weight and bias (what --last-layers and --biases train), or None for other nodes."""
+    if node.op_type not in QOPS:
+        return None
+    w, _, _, b, _ = QOPS[node.op_type]
+    return [node.input[w]] + ([node.input[b]] if b is not None and len(node.input) > b and node.input[b] else [])
+
+
+def _channel_axis(node):
+    """The output-channel axis of a QOperator weight (per-channel scales run along it)."""
+    if node.op_type == "QGemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return 0 if node.op_type == "QLinearConv" else 1
+
+
 @dataclass
 class QTensor:
     name: str            # the quantized initializer
@@ -36,6 +55,7 @@ class QTensor:
     dequantized: str     # the DequantizeLinear's output (what the layer reads)
     consumer: str = ""   # the op type reading it
     weight: str = None   # a bias: its layer's weight (a QTensor name), whose scale it follows
+    input_scale: str = None  # QOperator: the layer's input scale (a bias is read at input scale x weight scale)
 
 
 def _axis(node):
@@ -60,7 +80,17 @@ def quantized_tensors(model):
         found[node.input[0]] = QTensor(node.input[0], "weight" if kind in WEIGHT_TYPES else "bias", node.input[1],
                                        node.input[2] if len(node.input) > 2 else "", _axis(node), node.output[0],
                                        readers[0][0].op_type if readers else "")
-    by_output = {q.dequantized: q for q in found.values()}
+    for node in model.graph.node:  # QOperator: the layer reads the quantized weight and bias itself
+        if node.op_type not in QOPS or node.input[QOPS[node.op_type][0]] not in inits:
+            continue
+        w, ws, wz, b, xs = QOPS[node.op_type]
+        ins = list(node.input)
+        found[ins[w]] = QTensor(ins[w], "weight", ins[ws], ins[wz] if len(ins) > wz else "", _channel_axis(node),
+                                None, node.op_type, input_scale=ins[xs])
+        if b is not None and len(ins) > b and ins[b] in inits:
+            found[ins[b]] = QTensor(ins[b], "bias", None, "", 0, None, node.op_type, weight=ins[w],
+                                    input_scale=ins[xs])
+    by_output = {q.dequantized: q for q in found.values() if q.dequantized}
     for node in model.graph.node:  # a layer reading a quantized weight (input 1) and bias (input 2)
         ins = list(node.input)
         if len(ins) > 2 and ins[1] in by_output and ins[2] in by_output and by_output[ins[2]].role == "bias":
@@ -77,8 +107,13 @@ def describe(model):
     inits = {t.name: t for t in model.graph.initializer}
     lines = []
     for q in quantized_tensors(model).values():
-        t, s = inits[q.name], inits[q.scale]
+        t = inits[q.name]
         kind = TensorProto.DataType.Name(t.data_type).lower()
+        if q.scale is None:  # a QOperator bias
+            lines.append(f"  bias   {q.name!r} {kind} {list(t.dims)} of {q.consumer}: read at input scale "
+                         f"{q.input_scale!r} x {q.weight!r}'s scale")
+            continue
+        s = inits[q.scale]
         per = f"per-channel axis {q.axis} ({int(np.prod(s.dims))} scales)" if np.prod(s.dims) > 1 else "per-tensor"
         zp = ""
         if q.zero_point in inits:
@@ -94,6 +129,28 @@ def weight_scales(model):
     names = [q.scale for q in quantized_tensors(model).values() if q.role == "weight"]
     check(names, "--scales: the model has no quantized weights (DequantizeLinear of an int8/uint8 initializer)")
     return list(dict.fromkeys(names))
+
+
+def _bias_nodes(q, b, weight_scale, factor, value, add_init):
+    """A bias as float b (an initializer named b), quantized at its current scale: QDQ round(b / s) * s as the
+    DequantizeLinear's output, s = bias scale0 (x exp(t) of a trained weight scale); QOperator int32
+    round(b / (input scale x current weight scale)) as the layer's bias input."""
+    if q.input_scale:  # QOperator
+        scale0 = (value[q.input_scale] * value[weight_scale]).astype(np.float32)
+        add_init(b, dequantize(value[q.name], scale0))
+        current = f"{b}__scale"
+        return [helper.make_node("Mul", [q.input_scale, weight_scale], [current]),
+                helper.make_node("Div", [b, current], [f"{b}__steps"]),
+                helper.make_node("Round", [f"{b}__steps"], [f"{b}__rounded"]),
+                helper.make_node("Cast", [f"{b}__rounded"], [q.name], to=TensorProto.INT32)]
+    add_init(b, dequantize(value[q.name], value[q.scale]))
+    nodes, current = [], q.scale
+    if factor:
+        current = f"{q.scale}__current"
+        nodes.append(helper.make_node("Mul", [q.scale, factor], [current]))
+    return nodes + [helper.make_node("Div", [b, current], [f"{b}__steps"]),
+                    helper.make_node("Round", [f"{b}__steps"], [f"{b}__rounded"]),
+                    helper.make_node("Mul", [f"{b}__rounded", current], [q.dequantized])]
 
 
 def _dtype(model, name):
@@ -133,20 +190,16 @@ def prepare_quantized(model, names):
         follows = weight_scale in factor
         if q.role == "bias" and (q.name in chosen or follows):
             b = f"{q.name}__float"
-            add_init(b, dequantize(value[q.name], value[q.scale], None, q.axis))
-            current = q.scale
-            if follows:
-                current = f"{q.scale}__current"
-                nodes.append(helper.make_node("Mul", [q.scale, factor[weight_scale]], [current]))
-            nodes += [helper.make_node("Div", [b, current], [f"{b}__steps"]),
-                      helper.make_node("Round", [f"{b}__steps"], [f"{b}__rounded"]),
-                      helper.make_node("Mul", [f"{b}__rounded", current], [q.dequantized])]
-            graph.node.remove(next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.name))
+            nodes += _bias_nodes(q, b, weight_scale, factor.get(weight_scale), value, add_init)
+            if q.dequantized:  # QDQ: the float bias replaces the DequantizeLinear's output
+                graph.node.remove(next(n for n in graph.node if n.op_type == "DequantizeLinear"
+                                       and n.input[0] == q.name))
+            graph.initializer.remove(inits[q.name])
             if q.name in chosen:
                 renamed[q.name] = b
-            graph.initializer.remove(inits[q.name])
-            section["biases"].append({"tensor": q.name, "scale": q.scale, "weight_scale": weight_scale if follows
-                                      else None, "entry": b if q.name in chosen else None})
+            section["biases"].append({"tensor": q.name, "scale": q.scale, "input_scale": q.input_scale,
+                                      "weight_scale": weight_scale if follows or q.input_scale else None,
+                                      "entry": b if q.name in chosen else None})
         elif q.role == "weight" and q.name in chosen:
             w = f"{q.name}__float"
             zp = value.get(q.zero_point)

@@ -49,11 +49,17 @@ def quantized_updates(section, tensors, values):
               f"positive finite float32 (min {scale.min():.3g}): it cannot be written back")
         updates[s["scale"]] = scale
     for b in section["biases"]:
-        scale0, q0 = own(b["scale"]), own(b["tensor"])
+        q0 = own(b["tensor"])
+        if b.get("input_scale"):  # QOperator: read at input scale x weight scale (no scale tensor of its own)
+            x = own(b["input_scale"])
+            scale0 = (x * own(b["weight_scale"])).astype(np.float32)
+            scale = (x * updates.get(b["weight_scale"], own(b["weight_scale"]))).astype(np.float32)
+        else:
+            scale0 = own(b["scale"])
+            scale = (scale0 * factor[b["weight_scale"]]).astype(np.float32) if b["weight_scale"] else scale0
+            updates[b["scale"]] = scale.reshape(scale0.shape)
         value = values[b["entry"]] if b["entry"] else dequantize(q0, scale0)
-        scale = (scale0 * factor[b["weight_scale"]]).astype(np.float32) if b["weight_scale"] else scale0
         updates[b["tensor"]] = requantize_bias(value, scale, b["tensor"]).reshape(q0.shape)
-        updates[b["scale"]] = scale.reshape(scale0.shape)
     for w in section["weights"]:
         scale = updates.get(w["scale"], own(w["scale"]))
         zp = own(w["zero_point"]) if w["zero_point"] else None

@@ -19,10 +19,11 @@ from edgezo.runtime.optim import CoCD
 
 MODEL = __import__("pathlib").Path(__file__).resolve().parents[1] / "edgezo" / "assets" / "digits_mobilenet.onnx"
 FORMS = {"per_channel_symmetric": dict(per_channel=True, weight="QInt8", activation="QInt8", symmetric=True),
-         "per_tensor_asymmetric": dict(per_channel=False, weight="QUInt8", activation="QUInt8", symmetric=False)}
+         "per_tensor_asymmetric": dict(per_channel=False, weight="QUInt8", activation="QUInt8", symmetric=False),
+         "qoperator": dict(per_channel=True, weight="QInt8", activation="QUInt8", symmetric=False, form="QOperator")}
 
 
-def quantize(path, per_channel, weight, activation, symmetric):
+def quantize(path, per_channel, weight, activation, symmetric, form="QDQ"):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     x, _ = load_idx_pair(DATASETS / "mnist" / "t10k-images-idx3-ubyte.gz")
 
@@ -32,7 +33,7 @@ def quantize(path, per_channel, weight, activation, symmetric):
 
         def get_next(self):
             return next(self.batches, None)
-    quantize_static(str(MODEL), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+    quantize_static(str(MODEL), str(path), Reader(), quant_format=getattr(QuantFormat, form), per_channel=per_channel,
                     weight_type=getattr(QuantType, weight), activation_type=getattr(QuantType, activation),
                     extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric})
     return path
@@ -66,11 +67,15 @@ def cross_entropy(logits, y):
 
 def test_list_shows_quantized_layers_as_such(qdq):
     out = run_cli("export-onnx", qdq, "--list", check=True).stdout
-    symmetric = "per_channel" in qdq.name
-    assert "quantized (QDQ)" in out and "--scales trains" in out
-    assert f"weight '17.weight_quantized' {'int8' if symmetric else 'uint8'} [10, 32] of Gemm" in out
-    assert "bias   '17.bias_quantized' int32 [10] of Gemm" in out and "follows '17.weight_quantized''s scale" in out
-    assert ("per-channel axis 0 (10 scales) symmetric" if symmetric else "per-tensor asymmetric") in out
+    assert "--scales trains" in out
+    if qdq.name.startswith("qoperator"):
+        assert "weight '17.weight_quantized' int8 [10, 32] of QGemm: scale '17.weight_scale' per-channel axis 0" in out
+        assert "bias   '17.bias_quantized' int32 [10] of QGemm: read at input scale" in out
+    else:
+        symmetric = "per_channel" in qdq.name
+        assert f"weight '17.weight_quantized' {'int8' if symmetric else 'uint8'} [10, 32] of Gemm" in out
+        assert "bias   '17.bias_quantized' int32 [10] of Gemm" in out and "follows '17.weight_quantized''s scale" in out
+        assert ("per-channel axis 0 (10 scales) symmetric" if symmetric else "per-tensor asymmetric") in out
     head = [line for line in out.splitlines() if line.startswith("/17/Gemm")]
     assert head and head[0].split()[2] == "330"  # the int8 head counts as the 330 weights it trains as
 
@@ -91,7 +96,7 @@ def test_write_back_keeps_int8_and_computes_what_training_computed(qdq, data, tm
     changed = [t.name for t in trained.graph.initializer
                if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(
                    next(s for s in source.graph.initializer if s.name == t.name)))]
-    assert changed and all("scale" in n or "quantized" in n for n in changed), changed
+    assert changed and all("scale" in n or "quantized" in n or n.endswith("bias") for n in changed), changed
     # the deployed int8 file's loss is the training graph's loss at the trained params (float32 rounding)
     art_loaded = load_artifact(art, "cpu")
     params = np.load(tmp_path / "run" / "params.npy")
@@ -102,7 +107,8 @@ def test_write_back_keeps_int8_and_computes_what_training_computed(qdq, data, tm
 
 def test_a_bias_follows_its_weight_scale_so_fusion_on_and_off_agree(qdq, data, tmp_path):
     """onnxruntime's QDQ fusion (QLinearConv, QGemm) reads an int32 bias at input scale x weight scale. A weight
-    scale changed alone rescales the bias in the fused graph only; edgezo's write-back re-quantizes the bias."""
+    scale changed alone rescales the bias in the fused graph only; edgezo's write-back re-quantizes the bias.
+    (QOperator: the op itself reads the bias at that scale; write-back keeps the bias's float value.)"""
     _, x, y = data
     art = export_onnx(qdq, tmp_path / "art", "cross_entropy", scales=True, log=lambda line: None)
     manifest = load_artifact(art, "cpu").manifest
@@ -114,6 +120,15 @@ def test_a_bias_follows_its_weight_scale_so_fusion_on_and_off_agree(qdq, data, t
     scale = next(t for t in naive.graph.initializer if t.name == "17.weight_scale")
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.5), scale.name))
     onnx.save(naive, tmp_path / "naive.onnx")
+    if qdq.name.startswith("qoperator"):
+        tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "edgezo.onnx").graph.initializer}
+        before = {t.name: numpy_helper.to_array(t) for t in onnx.load(qdq).graph.initializer}
+        x_scale = before["/16/Flatten_output_0_scale"]
+        value = before["17.bias_quantized"] * x_scale * before["17.weight_scale"]
+        now = tensors["17.bias_quantized"] * x_scale * tensors["17.weight_scale"]
+        assert np.all(np.abs(now - value) <= 0.5 * x_scale * tensors["17.weight_scale"] * 1.0001)
+        assert not np.array_equal(tensors["17.bias_quantized"], before["17.bias_quantized"])
+        return
     losses = {name: [cross_entropy(session(tmp_path / name, optimize).run(None, {"image": x})[0], y)
                      for optimize in (False, True)] for name in ("edgezo.onnx", "naive.onnx")}
     assert abs(losses["edgezo.onnx"][0] - losses["edgezo.onnx"][1]) < 1e-6, losses
@@ -149,6 +164,7 @@ def test_unrepresentable_values_are_one_line_errors(qdq, tmp_path):
     proc = run_cli("write-back", art, _save(tmp_path / "p.npy", params), "--out", tmp_path / "x.onnx")
     assert proc.returncode == 2 and "does not fit int32" in proc.stderr and len(proc.stderr.splitlines()) == 1
     params = np.load(art / "params.npy")
-    params[0] = -200.0  # a scale of scale0 * exp(-200) underflows to 0
+    scale = next(e for e in manifest["trainable"] if e["name"].endswith("__log_factor"))
+    params[scale["offset"]] = -200.0  # a scale of scale0 * exp(-200) underflows to 0
     proc = run_cli("write-back", art, _save(tmp_path / "q.npy", params), "--out", tmp_path / "x.onnx")
     assert proc.returncode == 2 and "positive finite" in proc.stderr and not (tmp_path / "x.onnx").exists()

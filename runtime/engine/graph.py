@@ -95,12 +95,36 @@ def cut(model, inputs, outputs):
     return onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
+# com.microsoft quantized ops (onnxruntime's QOperator form), which ONNX shape inference does not type: the
+# position of the output zero point, whose element type is the output's
+_ZERO_POINT_OUT = {"QGemm": 8, "QLinearAdd": 7, "QLinearMul": 7, "QLinearGlobalAveragePool": 4,
+                   "QLinearAveragePool": 4, "QLinearSigmoid": 4, "QLinearLeakyRelu": 4, "QLinearSoftmax": 4,
+                   "QLinearConcat": 2}
+
+
+def add_contrib_types(model):
+    """value_info for the outputs of the contrib quantized ops above (their element type only)."""
+    graph = model.graph
+    known = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)
+             + list(graph.output)}
+    known.update({t.name: t.data_type for t in graph.initializer})
+    for node in graph.node:
+        k = _ZERO_POINT_OUT.get(node.op_type)
+        if k is None or node.output[0] in known:
+            continue
+        zero_point = node.input[k] if len(node.input) > k and node.input[k] else None
+        kind = known.get(zero_point, onnx.TensorProto.UINT8)  # no zero point: uint8, as the ops define
+        graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], kind, None))
+        known[node.output[0]] = kind
+    return model
+
+
 class Subgraphs:
     """Sessions for parts of loss.onnx from the flat params and the model input to given tensors, made
     on first use and cached (the few most recent). A session computes only what its outputs need."""
 
     def __init__(self, model, manifest, threads, keep=8, device="cpu"):
-        self.model = onnx.shape_inference.infer_shapes(model)
+        self.model = add_contrib_types(onnx.shape_inference.infer_shapes(model))
         self.inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
         self.threads, self.keep, self.sessions, self.device = threads, keep, {}, device
 
