@@ -22,7 +22,7 @@ from .onnx_graph import (TRAINABLE_TYPES, build_manifest, check_model, flatten_t
                          write_artifact)
 from .smoke import smoke_test
 
-LAYER_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose", "QLinearConv", "QGemm", "QLinearMatMul")
+LAYER_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose", "QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger")
 NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
 TARGET = "target"
 
@@ -78,9 +78,13 @@ def _consumers(model):
 
 
 def _bias_add(node, consumers):
-    """The Add that alone follows a MatMul (its bias), or None."""
+    """The Add that alone follows a MatMul (its bias), or None; after a MatMulInteger, past its Cast and scale Mul."""
+    if node.op_type not in ("MatMul", "MatMulInteger"):
+        return None
     follow = consumers.get(node.output[0], [])
-    return follow[0] if node.op_type == "MatMul" and len(follow) == 1 and follow[0].op_type == "Add" else None
+    while node.op_type == "MatMulInteger" and len(follow) == 1 and follow[0].op_type in ("Cast", "Mul"):
+        follow = consumers.get(follow[0].output[0], [])
+    return follow[0] if len(follow) == 1 and follow[0].op_type == "Add" else None
 
 
 def _weights(node, floats, alias):

@@ -90,6 +90,7 @@ def quantized_tensors(model):
         if b is not None and len(ins) > b and ins[b] in inits:
             found[ins[b]] = QTensor(ins[b], "bias", None, "", 0, None, node.op_type, weight=ins[w],
                                     input_scale=ins[xs])
+    found.update(_dynamic(model, inits))
     by_output = {q.dequantized: q for q in found.values() if q.dequantized}
     for node in model.graph.node:  # a layer reading a quantized weight (input 1) and bias (input 2)
         ins = list(node.input)
@@ -99,6 +100,27 @@ def quantized_tensors(model):
 
 
 from ..runtime.quant import dequantize  # noqa: E402  (numpy; write-back on the device uses it too)
+
+
+def _dynamic(model, inits):
+    """quantize_dynamic's weights: an int8 initializer read by MatMulInteger (input 1, zero point input 3), whose
+    scale is the float initializer multiplied with the DynamicQuantizeLinear's scale of the other input."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulInteger" or node.input[1] not in inits:
+            continue
+        source = producer.get(node.input[0])
+        a_scale = source.output[1] if source is not None and source.op_type == "DynamicQuantizeLinear" else None
+        scale = next((i for n in model.graph.node if n.op_type == "Mul" and a_scale in n.input
+                      for i in n.input if i != a_scale and i in inits), None)
+        if scale is None:
+            continue
+        zero_point = node.input[3] if len(node.input) > 3 and node.input[3] in inits else ""
+        per_column = int(np.prod(inits[scale].dims)) > 1
+        found[node.input[1]] = QTensor(node.input[1], "weight", scale, zero_point, 1 if per_column else 0, None,
+                                       "MatMulInteger")
+    return found
 
 
 def describe(model):

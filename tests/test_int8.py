@@ -168,3 +168,42 @@ def test_unrepresentable_values_are_one_line_errors(qdq, tmp_path):
     params[scale["offset"]] = -200.0  # a scale of scale0 * exp(-200) underflows to 0
     proc = run_cli("write-back", art, _save(tmp_path / "q.npy", params), "--out", tmp_path / "x.onnx")
     assert proc.returncode == 2 and "positive finite" in proc.stderr and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def dynamic(tmp_path_factory):
+    """The deployed transformer test model through quantize_dynamic (MatMulInteger + DynamicQuantizeLinear)."""
+    from deployed import export
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    folder = tmp_path_factory.mktemp("dynamic")
+    shape = export("transformer", folder / "float.onnx")
+    quantize_dynamic(str(folder / "float.onnx"), str(folder / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, *shape)).astype(np.float32), rng.integers(0, 10, 64)
+    np.savez(folder / "d.npz", x=x, target=y)
+    return folder / "dynamic.onnx", folder / "d.npz", x, y
+
+
+def test_dynamic_quantization_trains_writes_back_and_never_stacks_past_its_quantizer(dynamic, tmp_path):
+    path, data_path, x, y = dynamic
+    assert "of MatMulInteger: scale" in run_cli("export-onnx", path, "--list", check=True).stdout
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", scales=True, biases=True, last_layers=1,
+                      log=lambda line: None)
+    run_cli("train", art, "--data", data_path, "--budget", "24", "--lr", "0.05", "--eps", "0.05", "--batch-size",
+            "32", "--out", tmp_path / "run", block_torch=True, check=True)
+    trained_path, source = tmp_path / "run" / "trained.onnx", onnx.load(path)
+    trained = onnx.load(trained_path)
+    assert Counter(n.op_type for n in trained.graph.node) == Counter(n.op_type for n in source.graph.node)
+    kinds = {t.name: t.data_type for t in trained.graph.initializer}
+    assert kinds == {t.name: t.data_type for t in source.graph.initializer}
+    params = np.load(tmp_path / "run" / "params.npy")
+    fast, naive = load_artifact(art, "cpu"), load_artifact(art, "cpu", engine="naive")
+    trained_loss = fast.outputs(params, {"x": x}, {"target": y})[0]
+    deployed = cross_entropy(session(trained_path).run(None, {"x": x})[0], y)
+    assert abs(deployed - trained_loss) < 1e-5 * max(1.0, abs(trained_loss)), (deployed, trained_loss)
+    feed = fast.feeds(x[:16], y[:16])
+    probe = CoCD(params.copy(), lr=0.1, eps=0.05, budget=16).ask()
+    a, b = fast.losses(params, probe, feed, feed), naive.naive_losses(params, probe, feed)
+    assert np.allclose(a, b, rtol=1e-5, atol=0), np.max(np.abs(a - b) / np.abs(b))
+    assert "past DynamicQuantizeLinear: one scale from the whole batch" in fast.engine_note
+    assert "stacked" not in fast.paths_taken()

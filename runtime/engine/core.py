@@ -33,6 +33,9 @@ from .ops import Mode, splice, take_block
 from .step import Path, Route, StepEngine
 
 
+BATCH_MIXING = {"DynamicQuantizeLinear"}  # ops whose output depends on every sample of the batch
+
+
 class GraphEngine(StepEngine):
     """Exact fast losses for coordinate probes on a loss graph of the registry's ops (chains and residual DAGs)."""
 
@@ -151,6 +154,11 @@ class GraphEngine(StepEngine):
             if route.path is not Path.STACKED:
                 continue
             start = self.start_of(j)
+            mixing = sorted({n.op_type for n in self.suffix_model(start)[0].graph.node} & BATCH_MIXING)
+            if mixing:  # one statistic over the whole (stacked) batch: copies would change each other's values
+                self.routes[j] = Route(Path.GENERIC, route.detail + f" (past {mixing[0]}: one scale from the "
+                                                                    "whole batch)")
+                continue
             extra = self.suffix(start)[1]
             acts = self.subgraphs.run(sorted({start, self.output} | set(extra)), x, a0)
             n = len(a0)
