@@ -63,3 +63,28 @@ def test_fp16_faster_paths_equal_naive_within_fp16_rounding(fp16, tmp_path):
         assert fast.fast_engine() is not None and set(fast.paths_taken()) == {"generic"}, fast.engine_note
     else:  # fp16 inputs: the engine's build feeds float32 and does not apply; naive, said in the run's note
         assert fast.fast_engine() is None and "expected: (tensor(float16))" in fast.engine_note
+
+
+def test_torch_half_export_trains_and_writes_back_in_fp16(tmp_path):
+    """torch's model.half() export (fp16 inputs, weights and outputs) imports like the converter's files."""
+    import torch
+    from deployed import build
+    model, shape = build("mobilenetv3_small", side=32)
+    torch.onnx.export(model.half(), (torch.zeros(2, *shape, dtype=torch.float16),), str(tmp_path / "half.onnx"),
+                      dynamo=False, opset_version=17, do_constant_folding=False, input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    art = export_onnx(tmp_path / "half.onnx", tmp_path / "art", "cross_entropy", last_layers=1, log=lambda line: None)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, *shape), dtype=np.float32).astype(np.float16), rng.integers(0, 10, 32)
+    np.savez(tmp_path / "d.npz", x=x, target=y)
+    run_cli("train", art, "--data", tmp_path / "d.npz", "--budget", "40", "--lr", "0.05", "--batch-size", "16",
+            "--out", tmp_path / "run", block_torch=True, check=True)
+    trained = onnx.load(tmp_path / "run" / "trained.onnx")
+    kinds = {t.name: t.data_type for t in trained.graph.initializer}
+    assert kinds["head.weight"] == kinds["head.bias"] == onnx.TensorProto.FLOAT16
+    fast, naive = load_artifact(art, "cpu"), load_artifact(art, "cpu", engine="naive")
+    feed = fast.feeds(x[:16], y[:16])
+    params = fast.initial_params()
+    probe = CoCD(params.copy(), lr=0.1, eps=0.05, budget=40).ask()
+    a, b = fast.losses(params, probe, feed, feed), naive.naive_losses(params, probe, feed)
+    assert np.allclose(a, b, rtol=1e-3, atol=0), np.max(np.abs(a - b) / np.abs(b))
