@@ -11,7 +11,7 @@ import fnmatch
 import numpy as np
 from onnx import helper, numpy_helper
 
-from ..runtime.errors import check
+from ..runtime.errors import EdgezoError, check
 from . import onnx_prepare as prep
 
 OPS = ("Gemm", "MatMul", "Conv")
@@ -41,6 +41,9 @@ def lora_targets(model, pattern=None):
         if len(shape) != (4 if layout == "conv" else 2):
             continue
         out.setdefault(weight, {"weight": weight, "shape": shape, "layout": layout})
+    if not out and any(t.data_type in (3, 2) for t in model.graph.initializer):  # int8 / uint8 weights
+        raise EdgezoError("--lora: the model's weights are quantized; adapters on int8 layers are not supported yet "
+                          "(train --scales, --biases or --last-layers K)")
     check(out, f"--lora: no Gemm/MatMul/Conv weight {'matches ' + repr(pattern) if pattern else 'found'} "
                "(see --list)")
     return list(out.values())

@@ -211,10 +211,12 @@ def new_head(model, classes, seed=0):
     model = prep.copy(model)
     found = [n for n in layers(model) if n.op_type in ("Gemm", "MatMul")]
     check(found, "--num-classes: the model has no Gemm/MatMul classifier layer to replace")
-    node, floats, alias = found[-1], _floats(model), prep.aliases(model)
+    node, floats, alias = found[-1], _floats(model), _alias(model)
     by_name = {t.name: t for t in model.graph.initializer}
     weight = alias.get(node.input[1], node.input[1])
     check(weight in floats, f"--num-classes: the last layer {node.name or node.op_type!r} has no weight initializer")
+    check(by_name[weight].data_type in TRAINABLE_TYPES, f"--num-classes: the last layer's weight {weight!r} is "
+          "quantized; a fresh int8 head is not supported yet (train the existing head with --last-layers 1)")
     w = numpy_helper.to_array(by_name[weight])
     out_first = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
     fan_in = w.shape[1] if out_first else w.shape[0]

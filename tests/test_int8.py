@@ -207,3 +207,11 @@ def test_dynamic_quantization_trains_writes_back_and_never_stacks_past_its_quant
     assert np.allclose(a, b, rtol=1e-5, atol=0), np.max(np.abs(a - b) / np.abs(b))
     assert "past DynamicQuantizeLinear: one scale from the whole batch" in fast.engine_note
     assert "stacked" not in fast.paths_taken()
+
+
+@pytest.mark.parametrize("flags, message", [(["--num-classes", "5", "--last-layers", "1"], "a fresh int8 head is not "
+                                             "supported yet"), (["--lora", "2"], "adapters on int8 layers")])
+def test_what_int8_models_cannot_train_yet_is_said_in_one_line(qdq, tmp_path, flags, message):
+    proc = run_cli("export-onnx", qdq, *flags, "--loss", "cross_entropy", "--out", tmp_path / "art")
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "art").exists()

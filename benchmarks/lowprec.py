@@ -1,0 +1,206 @@
+"""Adapting the int8 model a device runs, forward-only, written back as int8.
+
+The classifier: the MobileNetV3-small-like test architecture (benchmarks/deployed.py, width 0.5: depthwise
+convolutions, squeeze-excitation, hardswish), trained with backprop (torch Adam, 2 epochs) on Fashion-MNIST
+padded to 3x32x32, exported to ONNX and quantized to int8 QDQ per channel with onnxruntime's quantize_static
+(calibrated on 256 training images). The device meets a shifted domain, not new labels: the same clothes seen by
+a dimmer, noisier sensor (contrast x0.6, +0.25, Gaussian noise 0.1, clipped to [0, 1]). A domain shift keeps the
+classes, so the int8 model's own head and its scales and biases can adapt (a new label set needs a fresh head,
+which --num-classes gives float models). Runs, each `edgezo train` in its own process on 2,048 shifted training
+images, scored on 2,000 shifted test images (int8: the written-back int8 file, in onnxruntime):
+  int8 --scales --biases, int8 --last-layers 1 (head), fp32 --norms --biases (the float analogue of scales and
+  biases: a BatchNorm scale is a per-channel weight scale), fp32 head, and fp32 backprop (torch SGD momentum)
+  on the same float tensors.
+Recovery: per-tensor int8 weights calibrated on 32 images (depthwise convolutions are the known weak spot) on
+the clean test set, beside the fix a user tries first (re-calibrating on 2,048 images), then --scales --biases
+on 2,048 clean training images.
+Staircase: with activations fake-quantized the loss is flat in a scale between quantization steps; the share of
+scale coordinates whose central difference is exactly 0, per eps, says how large eps must be.
+
+    python benchmarks/lowprec.py [--out runs/lowprec] [--epochs 5]   -> benchmarks/results/lowprec.json
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS = ROOT / "benchmarks" / "results"
+SHIFT = dict(contrast=0.6, offset=0.25, noise=0.1)
+ROWS, TEST_ROWS, BATCH = 2048, 2000, 64
+
+
+def fashion():
+    from paper_data import padded_fashion
+    train, test = padded_fashion()
+    return train, test
+
+
+def shifted(x, seed):
+    rng = np.random.default_rng(seed)
+    noisy = SHIFT["contrast"] * x + SHIFT["offset"] + rng.normal(0, SHIFT["noise"], x.shape)
+    return np.clip(noisy, 0, 1).astype(np.float32)
+
+
+def train_model(out, epochs=2):
+    """fp32.onnx: the classifier trained with backprop (the one time torch is needed)."""
+    import torch
+    from deployed import MobileNetV3Small
+    train, test = fashion()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = MobileNetV3Small(classes=10, width=0.5, hidden=256)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x, y = torch.from_numpy(train["x"]), torch.from_numpy(train["y"].astype(np.int64))
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        model.train()
+        for i in range(0, len(x), 128):
+            rows = order[i:i + 128]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(torch.from_numpy(test["x"][:TEST_ROWS])).argmax(1).numpy() == test["y"][:TEST_ROWS]).mean()
+        print(f"  backprop epoch {epoch + 1}: clean test accuracy {100 * acc:.1f}%", flush=True)
+    torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(out), dynamo=False, opset_version=17,
+                      do_constant_folding=False, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def quantize(source, out, x, per_channel, calibration_rows):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": x[i:i + 32]} for i in range(0, calibration_rows, 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+
+
+def accuracy(model_path, data):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return float(np.mean(session.run(None, {"x": data["x"]})[0].argmax(1) == data["target"]))
+
+
+def edgezo(*args, log=None):
+    with open(log, "w") if log else open("/dev/null", "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "edgezo.cli", *map(str, args)], stdout=out,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"edgezo {' '.join(map(str, args[:3]))} failed: see {log}")
+
+
+def adapt(work, name, model, selection, train, test, train_args, backprop=None):
+    """export-onnx + train (or train-torch) in fresh processes; accuracy of the written-back file."""
+    art, run = work / f"{name}_art", work / f"{name}_run"
+    if not (run / "metrics.json").exists():
+        if not art.exists():
+            edgezo("export-onnx", model, *selection, "--loss", "cross_entropy", "--out", art, log=work / f"{name}.log")
+        common = ["--data", train, "--batch-size", BATCH, "--out", run]
+        if backprop:
+            edgezo("train-torch", art, *common, *backprop, log=work / f"{name}_train.log")
+        else:
+            edgezo("train", art, *common, *train_args, log=work / f"{name}_train.log")
+    metrics = json.loads((run / "metrics.json").read_text())
+    written = run / "trained.onnx"
+    if not written.exists():  # train-torch leaves params only: write them back the same way
+        edgezo("write-back", art, run / "params.npy", "--out", written, log=work / f"{name}_wb.log")
+    data = dict(np.load(test))
+    manifest = json.loads((art / "manifest.json").read_text())
+    return {"selection": " ".join(selection), "trainable": manifest["num_params"],
+            "accuracy": accuracy(written, data), "seconds": metrics["seconds"], "peak_rss_mb": metrics["peak_rss_mb"],
+            "rss_rise_mb": metrics.get("rss_rise_mb"), "torch_imported": metrics.get("torch_imported")}
+
+
+def staircase(art, data, eps_values=(1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), coords=64):
+    """Share of scale log-factor coordinates whose central difference is exactly zero, per eps."""
+    from edgezo.runtime import load_artifact
+    from edgezo.runtime.probes import CoordinateProbe
+    artifact = load_artifact(art, "cpu", engine="naive")
+    params = artifact.initial_params()
+    scales = [e for e in artifact.manifest["trainable"] if e["name"].endswith("__log_factor")]
+    index = np.concatenate([np.arange(e["offset"], e["offset"] + e["size"]) for e in scales])
+    picks = np.random.default_rng(0).choice(index, min(coords, len(index)), replace=False)
+    feed = artifact.feeds(data["x"][:256], data["target"][:256])
+    out = {}
+    for eps in eps_values:
+        index = np.repeat(picks, 2)
+        delta = np.tile(np.array([eps, -eps], np.float32), len(picks))
+        losses = artifact.naive_losses(params, CoordinateProbe(index, delta), feed)
+        diffs = losses[0::2] - losses[1::2]
+        out[str(eps)] = float(np.mean(diffs == 0))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/lowprec")
+    p.add_argument("--epochs", type=int, default=5, help="forward-only epochs over the 2,048 images")
+    p.add_argument("--stage", choices=("model", "all"), default="all")
+    args = p.parse_args()
+    work = Path(args.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "fp32.onnx").exists():
+        train_model(work / "fp32.onnx")
+    if args.stage == "model":
+        return
+    train, test = fashion()
+    sets = {"shift_train": {"x": shifted(train["x"][:ROWS], 1), "target": train["y"][:ROWS].astype(np.int64)},
+            "shift_test": {"x": shifted(test["x"][:TEST_ROWS], 2), "target": test["y"][:TEST_ROWS].astype(np.int64)},
+            "clean_train": {"x": train["x"][-ROWS:], "target": train["y"][-ROWS:].astype(np.int64)},
+            "clean_test": {"x": test["x"][:TEST_ROWS], "target": test["y"][:TEST_ROWS].astype(np.int64)}}
+    for name, d in sets.items():
+        np.savez(work / f"{name}.npz", **d)
+    quantized = {"int8.onnx": (True, 256), "int8_per_tensor.onnx": (False, 32), "int8_recalibrated.onnx": (False, 2048)}
+    for name, (per_channel, rows) in quantized.items():
+        if not (work / name).exists():
+            quantize(work / "fp32.onnx", work / name, train["x"], per_channel, rows)
+    zo = ["--optimizer", "cocd", "--budget", "64", "--lr", "0.02", "--eps", "0.05", "--gamma", "0.95",
+          "--epochs", args.epochs]
+    sgd = ["--optimizer", "momentum", "--lr", "0.01", "--epochs", args.epochs]
+    fp32, int8 = work / "fp32.onnx", work / "int8.onnx"
+    st, sv = work / "shift_train.npz", work / "shift_test.npz"
+    result = {"shift": SHIFT, "rows": ROWS, "test_rows": TEST_ROWS, "batch": BATCH, "cocd": zo, "sgd": sgd,
+              "before": {k: {"clean": accuracy(work / k, sets["clean_test"]), "shifted": accuracy(work / k, sets["shift_test"])}
+                         for k in ("fp32.onnx", *quantized)}}
+    print(json.dumps(result["before"]), flush=True)
+    runs = {"int8 --scales --biases": (int8, ["--scales", "--biases"], None),
+            "int8 head": (int8, ["--last-layers", "1"], None),
+            "fp32 --norms --biases": (fp32, ["--norms", "--biases"], None),
+            "fp32 head": (fp32, ["--last-layers", "1"], None),
+            "fp32 backprop --norms --biases": (fp32, ["--norms", "--biases"], sgd),
+            "fp32 backprop head": (fp32, ["--last-layers", "1"], sgd)}
+    result["adapt"] = {}
+    for i, (label, (model, selection, backprop)) in enumerate(runs.items()):
+        start = time.perf_counter()
+        result["adapt"][label] = adapt(work, f"a{i}", model, selection, st, sv, zo, backprop)
+        r = result["adapt"][label]
+        print(f"  {label:<32} {100 * r['accuracy']:5.1f}%  {r['seconds']:6.1f} s  peak {r['peak_rss_mb']:.0f} MiB "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    ct, cv = work / "clean_train.npz", work / "clean_test.npz"
+    result["recovery"] = {"per_tensor_scales_biases": adapt(work, "r0", work / "int8_per_tensor.onnx",
+                                                            ["--scales", "--biases"], ct, cv, zo)}
+    print(f"  recovery: {json.dumps(result['recovery'])}", flush=True)
+    result["staircase_zero_share"] = staircase(work / "a0_art", sets["shift_test"])
+    print(f"  staircase: {result['staircase_zero_share']}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lowprec.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
