@@ -209,11 +209,14 @@ def new_head(model, classes, seed=0):
     """The model with its last Gemm/MatMul layer replaced by a fresh, seeded one with `classes` outputs."""
     check(isinstance(classes, int) and classes >= 2, f"--num-classes must be >= 2, got {classes}")
     model = prep.copy(model)
-    found = [n for n in layers(model) if n.op_type in ("Gemm", "MatMul")]
+    classifiers = ("Gemm", "MatMul", "QGemm", "QLinearMatMul", "MatMulInteger")
+    found = [n for n in layers(model) if n.op_type in classifiers]
     check(found, "--num-classes: the model has no Gemm/MatMul classifier layer to replace")
     node, floats, alias = found[-1], _floats(model), _alias(model)
     by_name = {t.name: t for t in model.graph.initializer}
     weight = alias.get(node.input[1], node.input[1])
+    if node.op_type in ("QGemm", "QLinearMatMul"):
+        weight = node.input[3]
     check(weight in floats, f"--num-classes: the last layer {node.name or node.op_type!r} has no weight initializer")
     check(by_name[weight].data_type in TRAINABLE_TYPES, f"--num-classes: the last layer's weight {weight!r} is "
           "quantized; a fresh int8 head is not supported yet (train the existing head with --last-layers 1)")
