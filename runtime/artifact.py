@@ -199,13 +199,16 @@ def _paths_note(routes):
 
     def ops(group):
         return ", ".join(sorted({op for route in group.values() for op in route.detail.split(", ")}))
-    generic, stacked = of(Path.GENERIC), of(Path.STACKED)
-    if not generic and not stacked:
+    generic, stacked, alone = of(Path.GENERIC), of(Path.STACKED), of(Path.OP_STACKED)
+    if not generic and not stacked and not alone:
         return None
-    line = (f"engine paths: {len(routes) - len(generic) - len(stacked)} of {len(routes)} trainable tensors all in "
-            "the engine's kernels")
+    line = (f"engine paths: {len(routes) - len(generic) - len(stacked) - len(alone)} of {len(routes)} trainable "
+            "tensors all in the engine's kernels")
     if stacked:
         line += f", {len(stacked)} with the rest stacked in onnxruntime (past {ops(stacked)})"
+    if alone:
+        line += (f", {len(alone)} with their op run alone per perturbation and the rest stacked (the op "
+                 f"computes its weights from the params: {ops(alone)})")
     if generic:
         names = ", ".join(list(generic)[:4]) + (", ..." if len(generic) > 4 else "")
         line += f", {len(generic)} one onnxruntime call per perturbation from their op's input ({names}: {ops(generic)})"

@@ -57,7 +57,7 @@ class GraphEngine(StepEngine):
         for op in ops:
             for name in op.inputs:
                 self.consumers.setdefault(name, []).append(op)
-        self._downstream, self._needs, self._suffixes = {}, {}, {}
+        self._downstream, self._needs, self._suffixes, self._op_sessions = {}, {}, {}, {}
         self.routes = {j: self._route(op) for j, op in enumerate(ops) if op.params}
 
     def _route(self, op):
@@ -151,27 +151,42 @@ class GraphEngine(StepEngine):
         fail this). Layers whose suffix fails take the generic path, and the path says why."""
         x = np.zeros(self.manifest["num_params"], np.float32)
         for j, route in list(self.routes.items()):
+            if route.path is Path.GENERIC and self.op_stackable(j) and self.stacks(self.ops[j].output, x, a0) is None:
+                self.routes[j] = Route(Path.OP_STACKED, self.ops[j].node.op_type)
             if route.path is not Path.STACKED:
                 continue
-            start = self.start_of(j)
-            mixing = sorted({n.op_type for n in self.suffix_model(start)[0].graph.node} & BATCH_MIXING)
-            if mixing:  # one statistic over the whole (stacked) batch: copies would change each other's values
-                self.routes[j] = Route(Path.GENERIC, route.detail + f" (past {mixing[0]}: one scale from the "
-                                                                    "whole batch)")
-                continue
-            extra = self.suffix(start)[1]
-            acts = self.subgraphs.run(sorted({start, self.output} | set(extra)), x, a0)
-            n = len(a0)
-            other = acts[start] * np.float32(0.5) + np.float32(0.25)
-            both = np.concatenate([acts[start], other])
-            try:
-                stacked = self.run_suffix(start, both, acts, np.concatenate([np.arange(n), np.arange(n)]), x)[:n]
-                alone = self.run_suffix(start, acts[start], acts, np.arange(n), x)
-                ok = stacked.shape == alone.shape and np.allclose(stacked, alone, rtol=1e-4, atol=1e-5)
-            except Exception:  # onnxruntime refusing the stacked batch (a batch size baked into a shape)
-                ok = False
-            if not ok:
-                self.routes[j] = Route(Path.GENERIC, route.detail + " (mixes samples or fixes the batch size)")
+            why = self.stacks(self.start_of(j), x, a0)
+            if why:
+                self.routes[j] = Route(Path.GENERIC, route.detail + why)
+
+    def op_stackable(self, j):
+        """An op onnxruntime runs alone per perturbation (OP_STACKED): one that reads its tensors through
+        weight-side nodes only (not shared with other ops) and has one output."""
+        op = self.ops[j]
+        used = {n for node in self.cuts.model.graph.node for n in node.input}
+        return (op.mode is Mode.OPAQUE and not getattr(op, "shared", False) and len(op.inputs) >= 1
+                and list(op.starts or ()) == list(op.inputs)
+                and not any(o in used for o in op.node.output[1:]))
+
+    def stacks(self, start, x, a0):
+        """None where the suffix from `start` may run on stacked copies; else why not."""
+        mixing = sorted({n.op_type for n in self.suffix_model(start)[0].graph.node} & BATCH_MIXING)
+        if mixing:  # one statistic over the whole (stacked) batch: copies would change each other's values
+            return f" (past {mixing[0]}: one scale from the whole batch)"
+        extra = self.suffix(start)[1]
+        acts = self.subgraphs.run(sorted({start, self.output} | set(extra)), x, a0)
+        n = len(a0)
+        base = acts[start]
+        other = (base // 2 + 1).astype(base.dtype) if base.dtype.kind in "iu" else base * np.float32(0.5) + \
+            np.float32(0.25)  # another copy, in the tensor's own type (int8 between QOperator layers)
+        both = np.concatenate([acts[start], other])
+        try:
+            stacked = self.run_suffix(start, both, acts, np.concatenate([np.arange(n), np.arange(n)]), x)[:n]
+            alone = self.run_suffix(start, acts[start], acts, np.arange(n), x)
+            ok = stacked.shape == alone.shape and np.allclose(stacked, alone, rtol=1e-4, atol=1e-5)
+        except Exception:  # onnxruntime refusing the stacked batch (a batch size baked into a shape)
+            ok = False
+        return None if ok else " (mixes samples or fixes the batch size)"
 
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None, device="cpu"):
@@ -202,6 +217,8 @@ class GraphEngine(StepEngine):
         op = self.ops[j]
         if self.routes[j].path is Path.GENERIC:
             return self._generic_losses(op, x, acts, index, delta, y)
+        if self.routes[j].path is Path.OP_STACKED:
+            return self._dense_losses(op.output, x, acts, self._op_copies(op, x, acts, index, delta), len(index), y)
         result = np.empty(len(index))
         for role, entry, mine in self.roles_of(op, index):
             element = index[mine] - entry["offset"]
@@ -228,6 +245,25 @@ class GraphEngine(StepEngine):
             out[r] = self.sample_losses(session.run(None, feed)[0], y).mean()
             moved[i] = x[i]
         return out
+
+    def _op_copies(self, op, x, acts, index, delta):
+        """dense(rows) for OP_STACKED: the op's output per perturbation, onnxruntime running the op alone (and the
+        weight-side nodes that compute its inputs from the params) on the base activations."""
+        if op.output not in self._op_sessions:
+            model = cut(self.cuts.model, [self.manifest["params_input"], *op.inputs], [op.output])
+            self._op_sessions[op.output] = make_session(model, self.cuts.device, self.cuts.threads, arena=False)
+        session = self._op_sessions[op.output]
+        feed = {name: acts[name] for name in op.inputs}
+
+        def dense(rows):
+            moved, out = x.copy(), []
+            for i, d in zip(index[rows], delta[rows]):
+                moved[i] = x[i] + d
+                feed[self.manifest["params_input"]] = moved
+                out.append(session.run(None, feed)[0])
+                moved[i] = x[i]
+            return np.stack(out)
+        return dense
 
     @staticmethod
     def generic_starts(op):
@@ -268,6 +304,9 @@ class GraphEngine(StepEngine):
         if j not in self._needs and self.routes[j].path is Path.GENERIC:
             starts = self.generic_starts(self.ops[j])
             self._needs[j] = set(starts) | set(self.suffix(starts)[1])
+        if j not in self._needs and self.routes[j].path is Path.OP_STACKED:
+            op = self.ops[j]
+            self._needs[j] = set(op.inputs) | {op.output} | set(self.suffix(op.output)[1])
         if j not in self._needs:
             op = self.ops[j]
             names, t = set(op.inputs) | {op.output}, op.output

@@ -48,6 +48,7 @@ def read_ops(graph, nodes, ctx, readers):
             owned = [t for t in reads if t not in ctx.used]
             op = _opaque(node, ctx, owned, _first_inputs([r for t in owned for r in readers[t]], graph, ctx.kinds),
                          f"{shared[0]!r} is read by {len(readers[shared[0]])} ops")
+            op.shared = True  # its perturbations change other ops' outputs too: never run alone
         else:
             op = OPS.get(node.op_type, Op).read(node, ctx)
             if op.mode is Mode.OPAQUE:

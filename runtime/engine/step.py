@@ -15,6 +15,8 @@ class Path(Enum):
     ENGINE = "engine"    # the engine's kernels: delta propagation, numpy copies of the rest
     STACKED = "stacked"  # the owner's perturbed output directly, the rest in onnxruntime on copies stacked on the batch
     GENERIC = "generic"  # onnxruntime from the owner's inputs, one call per perturbation (the frozen part not rerun)
+    OP_STACKED = "op-stacked"  # onnxruntime runs the owner op alone per perturbation (its weights computed from the
+    #                            params: a quantized weight's scale, a fake-quantized bias), the rest stacked
     DEVICE = "device"    # the device engine's fused kernel-and-rest session
     NAIVE = "naive"      # one call of the whole loss graph per probe row
 
