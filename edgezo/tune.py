@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .runtime.config import RunConfig
 from .runtime.errors import EdgezoError, check
-from .tune_space import describe, parse_space, to_ray
+from .tune_space import describe, parse_space, parse_tries, to_ray
 
 TUNE_CONFIG = "tune_config.json"
 
@@ -39,6 +39,7 @@ class TuneSettings:
     memory_limit_mb: float = None
     address: str = None
     seed: int = 0
+    tries: list = field(default_factory=list)   # the --try strings: settings tried before the searcher's
 
     def config(self):
         return RunConfig.from_json(self.base)
@@ -163,9 +164,10 @@ def _tuner(settings, space, trainable, log):
     scheduler = ASHAScheduler(time_attr="step", max_t=settings.steps, grace_period=min(grace, settings.steps),
                               reduction_factor=3)
     budget = settings.time_budget_min * 60 if settings.time_budget_min else None
+    searcher = OptunaSearch(seed=settings.seed, points_to_evaluate=parse_tries(space, settings.tries) or None)
     return tune.Tuner(
         trainable, param_space=to_ray(space),
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", search_alg=OptunaSearch(seed=settings.seed),
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", search_alg=searcher,
                                     scheduler=scheduler, num_samples=settings.trials,
                                     max_concurrent_trials=settings.concurrent, time_budget_s=budget,
                                     reuse_actors=True),
@@ -181,6 +183,7 @@ def tune_run(settings, log=print):
     out = Path(settings.out).resolve()
     space = settings.parsed_space()
     check(space, "nothing to tune: every setting of the space is fixed by a flag")
+    parse_tries(space, settings.tries)
     if settings.memory_limit_mb and not (out / "ray").exists():
         _plan_memory(settings, space, log)
     config = settings.config().check()
@@ -236,7 +239,8 @@ def settings_from_args(args):
     return TuneSettings(base=config.to_json(), out=str(Path(args.out).resolve()), trials=args.trials,
                         steps=args.steps, eval_every=eval_every, space=args.space or [], concurrent=args.concurrent,
                         grace_steps=args.grace_steps, time_budget_min=args.time_budget_min,
-                        memory_limit_mb=args.memory_limit_mb, address=args.address, seed=args.seed)
+                        memory_limit_mb=args.memory_limit_mb, address=args.address, seed=args.seed,
+                        tries=args.tries or [])
 
 
 def add_parser(sub):
@@ -257,6 +261,8 @@ def add_parser(sub):
                    "(uniform), budget=32,64,128 (choice), eps=0.1 (fixed); names: lr, eps, gamma, budget, memory, "
                    "mu, directions, weight_decay, batch_size. Defaults: cocd lr, eps, gamma; bccd lr, eps; "
                    "spsa/zosgd/mezo/cge lr, mu")
+    p.add_argument("--try", dest="tries", nargs="*", metavar="NAME=V,NAME=V", help="settings tried first, before "
+                   "the searcher's (e.g. your hand-tuned lr=0.01,eps=0.1,gamma=0.99): they count among --trials")
     p.add_argument("--concurrent", type=int, default=1, help="trials at once (each gets cores/concurrent threads)")
     p.add_argument("--threads", type=int, help="onnxruntime threads per trial (default: cores / --concurrent)")
     p.add_argument("--grace-steps", type=int, help="ASHA: no trial is stopped before this step (default 2 evals)")

@@ -77,6 +77,28 @@ def parse_space(optimizer, given=()):
     return space
 
 
+def parse_tries(space, given=()):
+    """Settings tried before the searcher proposes any (`--try lr=0.01,eps=0.1,gamma=0.99`, e.g. hand-tuned
+    ones): each names every searched setting with a value inside its range or among its choices."""
+    searched = {n: d for n, d in space.items() if d.kind != "fixed"}
+    tries = []
+    for item in given:
+        pairs = [p.split("=", 1) for p in item.split(",") if p]
+        check(all(len(p) == 2 for p in pairs), f"--try {item!r}: give NAME=VALUE,NAME=VALUE (e.g. lr=0.01,eps=0.1)")
+        point = {}
+        for name, text in pairs:
+            name = name.strip().replace("-", "_")
+            check(name in searched, f"--try {item!r}: {name!r} is not searched (searched: {', '.join(searched)})")
+            value, d = _number(name, text), searched[name]
+            inside = value in d.values if d.kind == "choice" else d.values[0] <= value <= d.values[1]
+            check(inside, f"--try {item!r}: {name}={text} is outside --space {name} ({describe({name: d})})")
+            point[name] = value
+        missing = sorted(set(searched) - set(point))
+        check(not missing, f"--try {item!r}: give {', '.join(missing)} too (every searched setting)")
+        tries.append(point)
+    return tries
+
+
 def to_ray(space):
     """The Ray Tune param_space of a parsed space."""
     from ray import tune

@@ -16,7 +16,8 @@ def tuned(mlp_artifact, sarcos_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune") / "t"
     # lr up to 1e6 on the SARCOS MLP: some of the (seeded) trials diverge
     proc = run_cli("tune", mlp_artifact, "--data", sarcos_npz, "--val-fraction", "0.25", "--trials", "6",
-                   "--steps", "30", "--eval-every", "10", "--space", "lr=1e-2:1e6:log", "--out", out, check=True)
+                   "--steps", "30", "--eval-every", "10", "--space", "lr=1e-2:1e6:log", "--try", "lr=1e5,eps=0.01,gamma=0.9", "--out", out,
+                   check=True)
     return out, proc
 
 
@@ -27,6 +28,7 @@ def test_tune_writes_every_trial_and_the_best(tuned):
     trials = summary["trials"]
     assert len(trials) == 6 and summary["trials_ok"] == 6
     assert all(set(t["settings"]) == {"lr", "eps", "gamma"} for t in trials)
+    assert {"lr": 1e5, "eps": 0.01, "gamma": 0.9} in [t["settings"] for t in trials]  # --try: tried as given
     assert all(t["curve"][0]["step"] == 0 for t in trials)  # every curve starts at the untrained loss
     finite = [t["val_loss"] for t in trials]
     assert best["val_loss"] == min(finite) and best["trial_id"] == trials[0]["trial_id"]
@@ -97,3 +99,12 @@ def test_a_fixed_flag_leaves_the_search_and_a_clash_is_refused(mlp_artifact, sar
     assert proc.returncode == 2 and "--gamma is both fixed and in --space" in proc.stderr
     proc = run_cli("tune", mlp_artifact, "--data", sarcos_npz, "--out", tmp_path / "t")
     assert proc.returncode == 2 and "validation data" in proc.stderr
+
+
+def test_a_try_outside_the_space_or_incomplete_is_refused(mlp_artifact, sarcos_npz, tmp_path):
+    for given, why in (("lr=5,eps=0.1,gamma=0.9", "lr=5 is outside --space lr"),
+                       ("lr=0.01,eps=0.1", "give gamma too"), ("lr=0.01,mu=1,eps=0.1,gamma=1", "'mu' is not searched")):
+        proc = run_cli("tune", mlp_artifact, "--data", sarcos_npz, "--val-fraction", "0.2", "--try", given,
+                       "--out", tmp_path / "t")
+        assert proc.returncode == 2 and why in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "t").exists()
