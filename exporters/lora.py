@@ -11,39 +11,56 @@ import fnmatch
 import numpy as np
 from onnx import helper, numpy_helper
 
-from ..runtime.errors import EdgezoError, check
+from ..runtime.errors import check
 from . import onnx_prepare as prep
 
 OPS = ("Gemm", "MatMul", "Conv")
+# quantized layers: the weight's input position (QDQ layers read a DequantizeLinear's output at input 1)
+QUANTIZED_OPS = {"QLinearConv": 3, "QGemm": 3, "QLinearMatMul": 3, "MatMulInteger": 1}
+
+
+def _layout(node):
+    if node.op_type in ("Conv", "QLinearConv"):
+        return "conv"
+    transposed = any(a.name == "transB" and a.i for a in node.attribute)
+    return "out_in" if node.op_type in ("Gemm", "QGemm") and transposed else "in_out"
+
+
+def _layer_weight(node, alias, floats, quantized):
+    """(weight initializer, is it quantized) of a Gemm/MatMul/Conv layer or a quantized one, else None."""
+    if node.op_type in QUANTIZED_OPS and len(node.input) > QUANTIZED_OPS[node.op_type]:
+        name = node.input[QUANTIZED_OPS[node.op_type]]
+        return (name, True) if name in quantized else None
+    if node.op_type not in OPS or len(node.input) < 2:
+        return None
+    weight = alias.get(node.input[1], node.input[1])
+    if weight in floats:
+        return weight, False
+    q = quantized.get(weight)  # QDQ: input 1 is a DequantizeLinear's output
+    return (q.name, True) if q else None
 
 
 def lora_targets(model, pattern=None):
-    """[{weight, shape, layout}] of the float weights of Gemm/MatMul/Conv nodes matching `pattern` (a glob on
-    the weight's or the node's name; default every such layer)."""
+    """[{weight, shape, layout, quantized}] of the weights of Gemm/MatMul/Conv layers (float, or int8 in QDQ,
+    QOperator or dynamic form) matching `pattern` (a glob on the weight's or the node's name; default every such
+    layer). An int8 weight's adapters add to its float value, re-quantized at its scale (exporters.quant)."""
+    from .quant import quantized_tensors
     alias = prep.aliases(model)
     by_name = {t.name: t for t in model.graph.initializer}
+    floats = {n for n, t in by_name.items() if t.data_type == 1}
+    qmap = {q.dequantized or q.name: q for q in quantized_tensors(model).values() if q.role == "weight"}
     out = {}
     for node in model.graph.node:
-        if node.op_type not in OPS or len(node.input) < 2:
+        found = _layer_weight(node, alias, floats, qmap)
+        if found is None:
             continue
-        weight = alias.get(node.input[1], node.input[1])
-        if weight not in by_name or by_name[weight].data_type != 1:
-            continue
-        shape = list(by_name[weight].dims)
+        weight, quantized = found
+        shape, layout = list(by_name[weight].dims), _layout(node)
         if pattern and not any(fnmatch.fnmatchcase(n, pattern) for n in (weight, node.name, node.input[1])):
             continue
-        if node.op_type == "Conv":
-            layout = "conv"
-        elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-            layout = "out_in"
-        else:
-            layout = "in_out"
         if len(shape) != (4 if layout == "conv" else 2):
             continue
-        out.setdefault(weight, {"weight": weight, "shape": shape, "layout": layout})
-    if not out and any(t.data_type in (3, 2) for t in model.graph.initializer):  # int8 / uint8 weights
-        raise EdgezoError("--lora: the model's weights are quantized; adapters on int8 layers are not supported yet "
-                          "(train --scales, --biases or --last-layers K)")
+        out.setdefault(weight, {"weight": weight, "shape": shape, "layout": layout, "quantized": quantized})
     check(out, f"--lora: no Gemm/MatMul/Conv weight {'matches ' + repr(pattern) if pattern else 'found'} "
                "(see --list)")
     return list(out.values())
@@ -78,6 +95,10 @@ def add_lora(model, targets, rank, seed=0):
             graph.initializer.append(numpy_helper.from_array(np.array(t["shape"], np.int64), f"{t['weight']}__lora_s"))
             nodes.append(helper.make_node("Reshape", [f"{t['weight']}__lora_BA", f"{t['weight']}__lora_s"],
                                           [f"{t['weight']}__lora_d"]))
+        if t.get("quantized"):  # W's float value + delta, quantized at W's scale (exporters.quant wires it)
+            nodes.append(helper.make_node("Add", [f"{t['weight']}__float", f"{t['weight']}__lora_d"], [merged]))
+            done.append(dict(t, A=a_name, B=b_name, rank=rank))
+            continue
         nodes.append(helper.make_node("Add", [t["weight"], f"{t['weight']}__lora_d"], [merged]))
         for node in graph.node:
             node.input[:] = [merged if alias.get(i, i) == t["weight"] and node.op_type in OPS else i

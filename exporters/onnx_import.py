@@ -330,7 +330,8 @@ def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None
         model, adapters = add_lora(model, adapters, lora, seed)
         names = names + [e for a in adapters for e in (a["A"], a["B"])]
     with_loss, classes = append_loss(model, loss, moved.get(output, output), head)
-    with_loss, renamed, quantized = prepare_quantized(with_loss, names)
+    with_loss, renamed, quantized = prepare_quantized(with_loss, names, [a["weight"] for a in adapters
+                                                                        if a.get("quantized")])
     loss_model, entries, frozen, flat = flatten_trainable(with_loss, [renamed.get(n, n) for n in names])
     for e in entries:
         if e["name"] in renamed.values():

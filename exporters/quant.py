@@ -179,14 +179,18 @@ def _dtype(model, name):
     return next(t.data_type for t in model.graph.initializer if t.name == name)
 
 
-def prepare_quantized(model, names):
+def prepare_quantized(model, names, adapted=()):
     """The model with each chosen quantized tensor or weight scale (in `names`) replaced by a float initializer
     plus the nodes that quantize it; returns (model, renamed {chosen name: float initializer name}, section for
-    the manifest). Tied biases of trained scales are re-quantized too (see the module's docstring)."""
+    the manifest). Tied biases of trained scales are re-quantized too (see the module's docstring). `adapted`:
+    quantized weights with LoRA adapters, whose frozen float value plus the adapters' delta (W__lora_merged, made
+    by exporters.lora) is quantized at the weight's scale."""
     qmap = quantized_tensors(model)
     scales = {q.scale for q in qmap.values() if q.role == "weight"}
     chosen = [n for n in names if n in qmap or n in scales]
-    if not chosen:
+    both = sorted(set(chosen) & set(adapted))
+    check(not both, f"{both[0] if both else ''!r}: train the int8 weight or its LoRA adapters, not both")
+    if not chosen and not adapted:
         return model, {}, None
     model = prep.copy(model)
     graph = model.graph
@@ -222,18 +226,20 @@ def prepare_quantized(model, names):
             section["biases"].append({"tensor": q.name, "scale": q.scale, "input_scale": q.input_scale,
                                       "weight_scale": weight_scale if follows or q.input_scale else None,
                                       "entry": b if q.name in chosen else None})
-        elif q.role == "weight" and q.name in chosen:
+        elif q.role == "weight" and (q.name in chosen or q.name in adapted):
             w = f"{q.name}__float"
             zp = value.get(q.zero_point)
             add_init(w, dequantize(value[q.name], value[q.scale], zp, q.axis))
             check(q.zero_point or _dtype(model, q.name) == TensorProto.UINT8,
                   f"{q.name!r}: an int8 weight without a zero point (QuantizeLinear would make it uint8)")
-            inputs = [w, q.scale] + ([q.zero_point] if q.zero_point else [])
+            master = w if q.name in chosen else f"{q.name}__lora_merged"
+            inputs = [master, q.scale] + ([q.zero_point] if q.zero_point else [])
             nodes.append(helper.make_node("QuantizeLinear", inputs, [q.name], axis=q.axis))
             graph.initializer.remove(inits[q.name])
-            renamed[q.name] = w
+            if q.name in chosen:
+                renamed[q.name] = w
             section["weights"].append({"tensor": q.name, "scale": q.scale, "zero_point": q.zero_point or None,
-                                       "axis": q.axis, "entry": w})
+                                       "axis": q.axis, "entry": w if q.name in chosen else None})
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)

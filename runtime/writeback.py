@@ -64,7 +64,8 @@ def quantized_updates(section, tensors, values):
         scale = updates.get(w["scale"], own(w["scale"]))
         zp = own(w["zero_point"]) if w["zero_point"] else None
         kind = np.int8 if zp is None and own(w["tensor"]).dtype == np.int8 else own(w["tensor"]).dtype
-        updates[w["tensor"]] = quantize(values[w["entry"]], scale, zp, w["axis"], kind)
+        value = values[w["entry"]] if w["entry"] else values[w["tensor"]]  # no entry: the LoRA-merged float
+        updates[w["tensor"]] = quantize(value, scale, zp, w["axis"], kind)
     return updates
 
 
@@ -84,13 +85,17 @@ def write_back(inference_path, trainable, params, out_path, metadata=None, lora=
     factors = {name for t in lora for name in (t["A"], t["B"])}
     factors |= {e["name"] for e in trainable if e.get("quantized")}
     updates = {name: v for name, v in values.items() if name not in factors}
-    weights = {}
+    weights, int8 = {}, {w["tensor"]: w for w in (quantized or {}).get("weights", ()) if not w["entry"]}
     for t in lora:
         check(t["weight"] in tensors, f"{inference_path}: has no weight {t['weight']!r} for a LoRA adapter")
         weights[t["weight"]] = updates.get(t["weight"], numpy_helper.to_array(tensors[t["weight"]]))
-    updates.update(merge(weights, lora, values))
+        if t["weight"] in int8:  # the int8 weight's float value (its deployed scale), the merge re-quantized below
+            w, own = int8[t["weight"]], lambda n: numpy_helper.to_array(tensors[n]) if n else None
+            weights[t["weight"]] = dequantize(own(w["tensor"]), own(w["scale"]), own(w["zero_point"]), w["axis"])
+    merged = merge(weights, lora, values)
+    updates.update({k: v for k, v in merged.items() if k not in int8})
     if quantized:
-        updates.update(quantized_updates(quantized, tensors, values))
+        updates.update(quantized_updates(quantized, tensors, {**values, **merged}))
     for name, value in updates.items():
         tensor = tensors.get(name)
         if tensor is None:

@@ -80,7 +80,8 @@ def test_list_shows_quantized_layers_as_such(qdq):
     assert head and head[0].split()[2] == "330"  # the int8 head counts as the 330 weights it trains as
 
 
-@pytest.mark.parametrize("selection", [["--scales", "--biases"], ["--last-layers", "1"]], ids=["scales_biases", "head"])
+@pytest.mark.parametrize("selection", [["--scales", "--biases"], ["--last-layers", "1"], ["--lora", "2"]],
+                         ids=["scales_biases", "head", "lora"])
 def test_write_back_keeps_int8_and_computes_what_training_computed(qdq, data, tmp_path, selection):
     path, x, y = data
     art = tmp_path / "art"
@@ -142,8 +143,8 @@ def _save(path, array):
 
 def test_faster_paths_equal_naive_within_float32_rounding(qdq, data, tmp_path):
     _, x, y = data
-    for selection in (dict(scales=True, biases=True), dict(last_layers=1)):
-        art = export_onnx(qdq, tmp_path / str(len(selection)), "cross_entropy", log=lambda line: None, **selection)
+    for selection in (dict(scales=True, biases=True), dict(last_layers=1), dict(lora=2, scales=True)):
+        art = export_onnx(qdq, tmp_path / "_".join(selection), "cross_entropy", log=lambda line: None, **selection)
         fast, naive = load_artifact(art, "cpu"), load_artifact(art, "cpu", engine="naive")
         feed = fast.feeds(x[:32], y[:32])
         params = fast.initial_params()
@@ -210,7 +211,8 @@ def test_dynamic_quantization_trains_writes_back_and_never_stacks_past_its_quant
 
 
 @pytest.mark.parametrize("flags, message", [(["--num-classes", "5", "--last-layers", "1"], "a fresh int8 head is not "
-                                             "supported yet"), (["--lora", "2"], "adapters on int8 layers")])
+                                             "supported yet"),
+                                            (["--lora", "2", "--last-layers", "1"], "or its LoRA adapters, not both")])
 def test_what_int8_models_cannot_train_yet_is_said_in_one_line(qdq, tmp_path, flags, message):
     proc = run_cli("export-onnx", qdq, *flags, "--loss", "cross_entropy", "--out", tmp_path / "art")
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1
