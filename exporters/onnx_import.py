@@ -17,7 +17,7 @@ from ..runtime.errors import EdgezoError, check
 from ..runtime.loss import loss_nodes
 from . import onnx_prepare as prep
 from .lora import add_lora, lora_targets
-from .quant import prepare_quantized, qop_inputs, quantized_tensors, weight_scales
+from .quant import fresh_int8_head, prepare_quantized, qop_inputs, quantized_tensors, weight_scales
 from .onnx_graph import (TRAINABLE_TYPES, build_manifest, check_model, flatten_trainable, tensor_entry, value_info,
                          write_artifact)
 from .smoke import smoke_test
@@ -218,15 +218,16 @@ def new_head(model, classes, seed=0):
     if node.op_type in ("QGemm", "QLinearMatMul"):
         weight = node.input[3]
     check(weight in floats, f"--num-classes: the last layer {node.name or node.op_type!r} has no weight initializer")
-    check(by_name[weight].data_type in TRAINABLE_TYPES, f"--num-classes: the last layer's weight {weight!r} is "
-          "quantized; a fresh int8 head is not supported yet (train the existing head with --last-layers 1)")
     w = numpy_helper.to_array(by_name[weight])
-    out_first = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    out_first = node.op_type in ("Gemm", "QGemm") and any(a.name == "transB" and a.i for a in node.attribute)
     fan_in = w.shape[1] if out_first else w.shape[0]
     rng = np.random.default_rng(seed)
     bound = 1 / np.sqrt(fan_in)
-    fresh = rng.uniform(-bound, bound, (classes, fan_in) if out_first else (fan_in, classes)).astype(w.dtype)  # fp16 too
-    by_name[weight].CopyFrom(numpy_helper.from_array(fresh, weight))
+    if by_name[weight].data_type in TRAINABLE_TYPES:
+        fresh = rng.uniform(-bound, bound, (classes, fan_in) if out_first else (fan_in, classes)).astype(w.dtype)
+        by_name[weight].CopyFrom(numpy_helper.from_array(fresh, weight))  # fp16 stays fp16
+    else:
+        fresh_int8_head(model, weight, classes, out_first, rng)
     bias = None
     if node.op_type == "Gemm" and len(node.input) > 2:
         bias = alias.get(node.input[2], node.input[2])
@@ -234,8 +235,9 @@ def new_head(model, classes, seed=0):
         add = _bias_add(node, _consumers(model))
         if add is not None:
             bias = next((alias.get(i, i) for i in add.input if alias.get(i, i) in floats), None)
-    if bias is not None:
-        by_name[bias].CopyFrom(numpy_helper.from_array(rng.uniform(-bound, bound, classes).astype(w.dtype), bias))
+    if bias is not None and by_name[bias].data_type in TRAINABLE_TYPES:  # (an int32 bias: fresh_int8_head's)
+        kind = helper.tensor_dtype_to_np_dtype(by_name[bias].data_type)
+        by_name[bias].CopyFrom(numpy_helper.from_array(rng.uniform(-bound, bound, classes).astype(kind), bias))
     old = w.shape[0] if out_first else w.shape[1]
     for value in model.graph.output:  # the class axis changes size
         d = value.type.tensor_type.shape.dim

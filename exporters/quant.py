@@ -99,7 +99,7 @@ def quantized_tensors(model):
     return found
 
 
-from ..runtime.quant import dequantize  # noqa: E402  (numpy; write-back on the device uses it too)
+from ..runtime.quant import dequantize, quantize, requantize_bias  # noqa: E402  (numpy; write-back on the device uses it too)
 
 
 def _dynamic(model, inits):
@@ -244,3 +244,42 @@ def prepare_quantized(model, names, adapted=()):
     del graph.node[:]
     graph.node.extend(nodes + rest)
     return prep.sort_nodes(model), renamed, section
+
+
+HEAD_ROOM = 4  # a fresh int8 head's scale covers 4x its initial weights' range: room to grow before saturating
+
+
+def fresh_int8_head(model, weight, classes, out_first, rng):
+    """The quantized last layer `weight` (QDQ, QOperator or dynamic) replaced in place by a fresh seeded one with
+    `classes` outputs, int8 from the start: uniform +-1/sqrt(fan_in) weights quantized symmetrically (per channel
+    where the old head was) at a scale of HEAD_ROOM x their range, the int32 bias at input scale x that scale.
+    --last-layers 1 then trains it as a float master quantized at that scale (--scales trains the scale)."""
+    q, inits = quantized_tensors(model)[weight], {t.name: t for t in model.graph.initializer}
+    arr = {n: numpy_helper.to_array(t) for n, t in inits.items()}
+    readers = sum(i == q.scale for n in model.graph.node for i in n.input)
+    check(readers == 1, f"--num-classes: the head's scale {q.scale!r} is shared with other layers")
+    fan_in = arr[weight].shape[1] if out_first else arr[weight].shape[0]
+    bound = 1 / np.sqrt(fan_in)
+    w = rng.uniform(-bound, bound, (classes, fan_in) if out_first else (fan_in, classes)).astype(np.float32)
+    channel = 0 if out_first else 1
+    per_channel = arr[q.scale].size > 1
+    reach = np.abs(w).max(axis=1 - channel) if per_channel else np.abs(w).max().reshape(arr[q.scale].shape)
+    scale = (HEAD_ROOM * reach / 127).astype(np.float32)
+    kind = arr[weight].dtype
+    zero = np.full(scale.shape, 0 if kind == np.int8 else 128, kind) if q.zero_point else None
+    new = {weight: quantize(w, scale, zero, channel, kind), q.scale: scale}
+    if zero is not None:
+        new[q.zero_point] = zero
+    b = next((t for t in quantized_tensors(model).values() if t.role == "bias" and t.weight == weight), None)
+    if b is not None:
+        x_scale = arr[b.input_scale] if b.input_scale else np.float32(np.mean(arr[b.scale] / arr[q.scale]))
+        b_scale = (x_scale * scale).astype(np.float32)
+        bias = rng.uniform(-bound, bound, classes).astype(np.float32)
+        new[b.name] = requantize_bias(bias, np.broadcast_to(b_scale, bias.shape), b.name)
+        if b.scale:  # per tensor: the bias scale keeps its own shape ([] or [1])
+            new[b.scale] = b_scale if per_channel else b_scale.reshape(arr[b.scale].shape)
+        if b.zero_point:
+            new[b.zero_point] = np.zeros(b_scale.shape, arr[b.zero_point].dtype)
+    for name, value in new.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    return model
