@@ -153,6 +153,10 @@ def main():
     p.add_argument("--out", default="runs/lowprec")
     p.add_argument("--epochs", type=int, default=5, help="forward-only epochs over the 2,048 images")
     p.add_argument("--stage", choices=("model", "all"), default="all")
+    p.add_argument("--tuned", help="an `edgezo tune` folder of CoCD on the int8 --scales --biases artifact "
+                   "(runs/lowprec/a0_art): its best lr/eps/gamma train the whole-network selections again, "
+                   "--long-epochs epochs")
+    p.add_argument("--long-epochs", type=int, default=40)
     args = p.parse_args()
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -193,6 +197,15 @@ def main():
         r = result["adapt"][label]
         print(f"  {label:<32} {100 * r['accuracy']:5.1f}%  {r['seconds']:6.1f} s  peak {r['peak_rss_mb']:.0f} MiB "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.tuned:  # forward-only over thousands of coordinates: tuned settings and more steps
+        best = json.loads((Path(args.tuned) / "best.json").read_text())
+        tuned = ["--optimizer", "cocd", "--budget", "64", "--epochs", args.long_epochs,
+                 *[f"--{k.replace('_', '-')}={v!r}" for k, v in best["settings"].items()]]
+        result["tuned"] = {"settings": best["settings"], "tune_val_loss": best["val_loss"], "cocd": tuned, "adapt": {}}
+        for i, label in enumerate(("int8 --scales --biases", "fp32 --norms --biases", "int8 head")):
+            model, selection, _ = runs[label]
+            r = result["tuned"]["adapt"][label] = adapt(work, f"t{i}", model, selection, st, sv, tuned)
+            print(f"  tuned, {args.long_epochs} epochs: {label:<24} {100 * r['accuracy']:5.1f}%", flush=True)
     ct, cv = work / "clean_train.npz", work / "clean_test.npz"
     before = result["before"]
     lost = 100 * (before["fp32.onnx"]["clean"] - before["int8_per_tensor.onnx"]["clean"])
