@@ -56,7 +56,8 @@ def main():
         edgezo("tune", work / "paper-cnn", "--data", MNIST / "train-images-idx3-ubyte.gz", "--val-fraction", 0.1,
                *FIXED, "--trials", args.trials, "--steps", args.steps, "--eval-every", 100, "--grace-steps", 200,
                "--concurrent", args.concurrent, "--time-budget-min", args.minutes,
-               "--try", ",".join(a.lstrip("-") + "=" + b for a, b in zip(PAPER[::2], PAPER[1::2])), "--out", work / "tune")
+               "--try", ",".join(a.lstrip("-") + "=" + b for a, b in zip(PAPER[::2], PAPER[1::2])),
+               "--out", work / "tune")
     best = json.loads((work / "tune" / "best.json").read_text()) if (work / "tune" / "best.json").exists() else None
     tuned = [f"--{k.replace('_', '-')}={v!r}" for k, v in best["settings"].items()] if best else None
     if args.stage == "best":
