@@ -9,6 +9,12 @@ step) adapt it in torch-free `edgezo train` subprocesses, two at a time; torch S
 graph, best lr of a small grid) trains the same tensors as the first-order reference. All see the same 1,024
 images for the same epochs; accuracy is on 1,000 test images. Writes OUT/demo.json, OUT/accuracy.png and the
 adapted model OUT/cocd/trained.onnx.
+
+--task int8: the same model as a device runs it, int8 (onnxruntime's quantize_static, QDQ per channel, calibrated
+on 256 MNIST digits), gets a fresh 10-way head that is int8 from the start; the forward-only methods train it
+and write it back as int8, and every accuracy is measured on that written-back int8 file. Backprop cannot train
+the int8 graph (no gradient for DequantizeLinear); torch SGD trains the head of the fp32 model instead, the
+accuracy a device would reach only by running float.
 """
 import json
 import shutil
@@ -59,12 +65,13 @@ def summary(metrics, before):
             "torch_imported": metrics["torch_imported"], "settings": metrics["settings"]}
 
 
-def run_all(artifact, train, test, out, epochs):
-    """All runs, two processes at a time (2 cores): each in its own process. Returns {name: metrics}."""
+def run_all(artifact, train, test, out, epochs, float_artifact=None):
+    """All runs, two processes at a time (2 cores): each in its own process. Returns {name: metrics}.
+    float_artifact: where backprop trains (the fp32 model's, when `artifact` is an int8 model's)."""
     common = ["--data", train, "--val-data", test, "--batch-size", BATCH, "--epochs", epochs]
     jobs = [(name, ["train", artifact, *common, *extra]) for name, extra in ZO.items()]
-    jobs += [(f"SGD lr={lr}", ["train-torch", artifact, *common, "--optimizer", "momentum", "--lr", lr])
-             for lr in SGD_LRS]
+    jobs += [(f"SGD lr={lr}", ["train-torch", float_artifact or artifact, *common, "--optimizer", "momentum",
+                               "--lr", lr]) for lr in SGD_LRS]
     results = {}
     for pair in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
         procs = [(name, edgezo([*args, "--out", out / _folder(name)], out / f"{_folder(name)}.log"))
@@ -107,7 +114,32 @@ def plot(methods, path, epochs):
     plt.close(fig)
 
 
-def run_adapt_demo(out, epochs=20):
+def quantize_model(out):
+    """The demo model as a device runs it: int8 QDQ, per channel, calibrated on 256 MNIST digits."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    x, _ = load_idx_pair(FASHION.parent / "mnist" / "train-images-idx3-ubyte.gz")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": x[i:i + 32]} for i in range(0, 256, 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    quantize_static(str(MODEL), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    return out
+
+
+def deployed_accuracy(path, test):
+    """Accuracy of a written-back model file in onnxruntime (the int8 file itself, not the training graph)."""
+    from .runtime.sessions import make_session
+    data = np.load(test)
+    logits = make_session(str(path), "cpu").run(None, {"image": data["image"]})[0]
+    return float(np.mean(logits.argmax(1) == data["target"]))
+
+
+def run_adapt_demo(out, epochs=20, task="adapt"):
     from .exporters.onnx_import import export_onnx
     from .runtime import load_artifact
     from .runtime.train import evaluate
@@ -116,21 +148,28 @@ def run_adapt_demo(out, epochs=20):
     if out.exists():
         shutil.rmtree(out)
     train, test = make_data(out / "data")
-    artifact = export_onnx(MODEL, out / "artifact", "cross_entropy", last_layers=1, num_classes=10, seed=0,
-                           log=lambda line: None)
+    int8 = task == "int8"
+    model = quantize_model(out / "data" / "digits_mobilenet_int8.onnx") if int8 else MODEL
+    head = dict(last_layers=1, num_classes=10, seed=0, log=lambda line: None)
+    artifact = export_onnx(model, out / "artifact", "cross_entropy", **head)
+    fp32_artifact = export_onnx(MODEL, out / "artifact_fp32", "cross_entropy", **head) if int8 else None
     art = load_artifact(artifact, device="cpu")
     from .runtime.data import load_data
     before = evaluate(art, art.initial_params(), load_data(test, art.manifest))["accuracy"]
-    print(f"deployed model {MODEL.name}: new 10-way head for Fashion-MNIST, {art.num_params} trainable weights; "
-          f"test accuracy before {100 * before:.1f}%", flush=True)
-    results = run_all(artifact, train, test, out, epochs)
+    print(f"deployed model {model.name}: new 10-way {'int8 ' if int8 else ''}head for Fashion-MNIST, "
+          f"{art.num_params} trainable weights; test accuracy before {100 * before:.1f}%", flush=True)
+    results = run_all(artifact, train, test, out, epochs, fp32_artifact)
+    if int8:  # the accuracy of the int8 file each method wrote back
+        for name in ZO:
+            results[name]["history"][-1]["val_accuracy"] = deployed_accuracy(out / _folder(name) / "trained.onnx",
+                                                                             test)
     methods = {name: summary(m, before) for name, m in results.items() if not name.startswith("SGD")}
     grid = {name: summary(m, before) for name, m in results.items() if name.startswith("SGD")}
     best = max(grid, key=lambda k: grid[k]["accuracy_after"])
-    methods["SGD (backprop)"] = dict(grid[best], lr=best.split("=")[1],
-                                     grid={k: v["accuracy_after"] for k, v in grid.items()})
+    sgd = "SGD (fp32 backprop)" if int8 else "SGD (backprop)"
+    methods[sgd] = dict(grid[best], lr=best.split("=")[1], grid={k: v["accuracy_after"] for k, v in grid.items()})
     plot(methods, out / "accuracy.png", epochs)
-    sgd_gain = methods["SGD (backprop)"]["accuracy_after"] - before
+    sgd_gain = methods[sgd]["accuracy_after"] - before
     print(f"\n{'method':<16} {'before':>7} {'after':>7} {'gain vs SGD':>11} {'seconds':>8} {'peak RSS':>9} "
           f"{'RSS rise':>9}  torch")
     for name, m in methods.items():
@@ -138,9 +177,12 @@ def run_adapt_demo(out, epochs=20):
         m["gain_vs_backprop"] = gain
         print(f"{name:<16} {100 * m['accuracy_before']:>6.1f}% {100 * m['accuracy_after']:>6.1f}% {100 * gain:>10.0f}% "
               f"{m['seconds']:>8.1f} {m['peak_rss_mb']:>7.0f} MB {m['rss_rise_mb']:>6.0f} MB  {m['torch_imported']}")
-    print(f"(SGD momentum 0.9: best lr {methods['SGD (backprop)']['lr']} of {', '.join(SGD_LRS)}; seconds: the "
-          "training loop of each process, two processes at a time)")
-    result = {"model": MODEL.name, "task": "Fashion-MNIST with a new 10-way head", "trainable": art.num_params,
+    print(f"(SGD momentum 0.9: best lr {methods[sgd]['lr']} of {', '.join(SGD_LRS)}; seconds: the training loop of "
+          "each process, two processes at a time" + ("; int8: accuracy of the written-back int8 file; backprop "
+                                                      "cannot train the int8 graph: SGD trains the fp32 model's head)"
+                                                      if int8 else ")"))
+    result = {"model": model.name, "task": f"Fashion-MNIST with a new 10-way{' int8' if int8 else ''} head",
+              "trainable": art.num_params,
               "epochs": epochs, "train_rows": TRAIN_ROWS, "test_rows": TEST_ROWS, "methods": methods,
               "seconds": time.perf_counter() - start}
     (out / "demo.json").write_text(json.dumps(result, indent=1))

@@ -141,7 +141,7 @@ def cmd_demo(args):
     else:
         check(args.sarcos is None, "--sarcos belongs to --task sarcos")
         from .adapt_demo import run_adapt_demo
-        run_adapt_demo(args.out, args.epochs or 20)
+        run_adapt_demo(args.out, args.epochs or 20, args.task)
 
 
 def build_parser():
@@ -231,8 +231,9 @@ def build_parser():
 
     p = sub.add_parser("demo", help="adapt a deployed classifier forward-only (CoCD, BCCD, MeZO vs backprop SGD); "
                        "--task sarcos: the paper's SARCOS MLP from scratch")
-    p.add_argument("--task", choices=("adapt", "sarcos"), default="adapt",
+    p.add_argument("--task", choices=("adapt", "int8", "sarcos"), default="adapt",
                    help="adapt (default): the deployed digit classifier meets Fashion-MNIST with a new head; "
+                   "int8: the same on its int8 version (written back as int8; backprop cannot train it); "
                    "sarcos: robot-arm inverse dynamics from scratch")
     p.add_argument("--out", default="runs/demo", help="folder for results (replaced if it exists)")
     p.add_argument("--epochs", type=int, help="default 20 (adapt) or 12 (sarcos)")
