@@ -1,5 +1,7 @@
 """Device detection, profiles, the planner against measured peaks, the profiler, CUDA where present."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -102,3 +104,28 @@ def test_jetson_meminfo_parser_on_a_recorded_orin_sample():
     assert meminfo_mb("MemTotal", ORIN_MEMINFO) == 7620480 / 1024
     desktop = "\n".join(line for line in ORIN_MEMINFO.splitlines() if not line.startswith("NvMap"))
     assert nvmap_used_mb(desktop) is None
+
+
+def test_sessions_from_a_model_proto_keep_no_copy_of_its_bytes():
+    """The engine's cuts are sessions made from ModelProtos: each may hold onnxruntime's copies of its weights (here
+    the initializer and MatMul's prepacked one), not also the serialized model. 12 sessions of a 16 MiB model rose
+    368 MiB, 528 MiB with the bytes kept."""
+    script = """
+import numpy as np, onnx
+from onnx import helper, numpy_helper, TensorProto
+from edgezo.runtime.sessions import make_session
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = numpy_helper.from_array(np.random.default_rng(0).random((2048, 2048), dtype=np.float32), "W")
+graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 2048])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2048])], [w])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+make_session(model, "cpu", 1)
+before = rss()
+sessions = [make_session(model, "cpu", 1, arena=False) for _ in range(12)]
+print(rss() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    rise = float(out.stdout.split()[-1])
+    assert 12 * 16 < rise < 12 * 16 * 2.6, rise
