@@ -98,6 +98,9 @@ def accuracy(model_path, data):
     return float(np.mean(session.run(None, {"x": data["x"]})[0].argmax(1) == data["target"]))
 
 
+HAND = {"lr": 0.02, "eps": 0.05, "gamma": 0.95}  # CoCD's hand settings (the tune tries them first)
+
+
 def edgezo(*args, log=None):
     with open(log, "w") if log else open("/dev/null", "w") as out:
         proc = subprocess.run([sys.executable, "-m", "edgezo.cli", *map(str, args)], stdout=out,
@@ -153,9 +156,11 @@ def main():
     p.add_argument("--out", default="runs/lowprec")
     p.add_argument("--epochs", type=int, default=5, help="forward-only epochs over the 2,048 images")
     p.add_argument("--stage", choices=("model", "all"), default="all")
-    p.add_argument("--tuned", help="an `edgezo tune` folder of CoCD on the int8 --scales --biases artifact "
-                   "(runs/lowprec/a0_art): its best lr/eps/gamma train the whole-network selections again, "
-                   "--long-epochs epochs")
+    p.add_argument("--tuned", help="a folder for `edgezo tune` of CoCD on the int8 --scales --biases artifact "
+                   "(--tune-trials trials of 320 steps on 80%% of the shifted training images, the hand settings "
+                   "tried first; kept if it exists): its best lr/eps/gamma train the whole-network selections "
+                   "again, --long-epochs epochs")
+    p.add_argument("--tune-trials", type=int, default=12)
     p.add_argument("--long-epochs", type=int, default=40)
     args = p.parse_args()
     work = Path(args.out).resolve()
@@ -175,8 +180,7 @@ def main():
     for name, (per_channel, rows) in quantized.items():
         if not (work / name).exists():
             quantize(work / "fp32.onnx", work / name, train["x"], per_channel, rows)
-    zo = ["--optimizer", "cocd", "--budget", "64", "--lr", "0.02", "--eps", "0.05", "--gamma", "0.95",
-          "--epochs", args.epochs]
+    zo = ["--optimizer", "cocd", "--budget", "64", *[f"--{k}={v}" for k, v in HAND.items()], "--epochs", args.epochs]
     sgd = ["--optimizer", "momentum", "--lr", "0.01", "--epochs", args.epochs]
     fp32, int8 = work / "fp32.onnx", work / "int8.onnx"
     st, sv = work / "shift_train.npz", work / "shift_test.npz"
@@ -198,10 +202,17 @@ def main():
         print(f"  {label:<32} {100 * r['accuracy']:5.1f}%  {r['seconds']:6.1f} s  peak {r['peak_rss_mb']:.0f} MiB "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
     if args.tuned:  # forward-only over thousands of coordinates: tuned settings and more steps
+        if not (Path(args.tuned) / "best.json").exists():
+            edgezo("tune", work / "a0_art", "--data", st, "--val-fraction", 0.2, "--optimizer", "cocd", "--budget", 64,
+                   "--batch-size", BATCH, "--trials", args.tune_trials, "--steps", 320, "--eval-every", 32,
+                   "--try", ",".join(f"{k}={v}" for k, v in HAND.items()), "--out", args.tuned, log=work / "tune.log")
         best = json.loads((Path(args.tuned) / "best.json").read_text())
+        trials = json.loads((Path(args.tuned) / "tune.json").read_text())["trials"]
         tuned = ["--optimizer", "cocd", "--budget", "64", "--epochs", args.long_epochs,
                  *[f"--{k.replace('_', '-')}={v!r}" for k, v in best["settings"].items()]]
-        result["tuned"] = {"settings": best["settings"], "tune_val_loss": best["val_loss"], "cocd": tuned, "adapt": {}}
+        result["tuned"] = {"settings": best["settings"], "tune_val_loss": best["val_loss"], "cocd": tuned, "adapt": {},
+                           "trials": len(trials), "hand_settings_val_loss": next(
+                               (t["val_loss"] for t in trials if t["settings"] == HAND), None)}
         for i, label in enumerate(("int8 --scales --biases", "fp32 --norms --biases", "int8 head")):
             model, selection, _ = runs[label]
             r = result["tuned"]["adapt"][label] = adapt(work, f"t{i}", model, selection, st, sv, tuned)

@@ -187,3 +187,21 @@ def test_torch_export_based_exporter_files(tmp_path):
         check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 16)
         check_step(device.losses(params, probe, feed, feed), naive.losses(params, probe, x, y), 1e-2, 16)
     export_onnx(path, tmp_path / "all", "cross_entropy", trainable=["*"], log=lambda line: None)  # int64 skipped
+
+
+def test_cut_sessions_dropped_under_the_cap_are_made_again_exactly(deployed_file, tmp_path):
+    """With no room for cut sessions beyond the few always kept, the engine holds at most those and its losses
+    still equal naive's across the cycle (dropped sessions are made again when their layer comes round)."""
+    from edgezo.runtime.engine.core import SESSIONS_KEPT
+    path, shape = deployed_file["mobilenetv3_small"]
+    art = export_onnx(path, tmp_path / "art", "cross_entropy", norms=True, biases=True, log=lambda line: None)
+    fast, naive = load_artifact(art, device="cpu", threads=1), load_artifact(art, device="cpu", engine="naive")
+    engine = fast.fast_engine()
+    assert len(engine._suffixes) > SESSIONS_KEPT  # the stacking check made one per layer
+    engine._suffixes.mb = engine._op_sessions.mb = 0
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, *shape)).astype(np.float32), np.array([1, 4, 7])
+    params = fast.initial_params()
+    for probe in list(probes(fast, 16, 1e-2, every=8)) * 2:  # twice round: every layer's session made again
+        check_step(fast.losses(params, probe, x, y), naive.losses(params, probe, x, y), 1e-2, 16)
+        assert len(engine._suffixes) <= SESSIONS_KEPT

@@ -28,12 +28,13 @@ import numpy as np
 
 from ..loss import per_sample_losses, scores_name
 from ..sessions import make_session
-from .graph import cut, downstream, subgraph_inputs
+from .graph import Recent, cut, cut_session, downstream, subgraph_inputs
 from .ops import Mode, splice, take_block
 from .step import Path, Route, StepEngine
 
 
 BATCH_MIXING = {"DynamicQuantizeLinear"}  # ops whose output depends on every sample of the batch
+SESSIONS_KEPT = 4  # cut sessions always kept, whatever their size (more than one step uses)
 
 
 class GraphEngine(StepEngine):
@@ -57,7 +58,9 @@ class GraphEngine(StepEngine):
         for op in ops:
             for name in op.inputs:
                 self.consumers.setdefault(name, []).append(op)
-        self._downstream, self._needs, self._suffixes, self._op_sessions = {}, {}, {}, {}
+        self._downstream, self._needs = {}, {}
+        # cut sessions kept under the memory cap (as the stacked copies are): a step uses one or two layers'
+        self._suffixes, self._op_sessions = Recent(SESSIONS_KEPT, memory_mb), Recent(SESSIONS_KEPT, memory_mb / 4)
         self.routes = {j: self._route(op) for j, op in enumerate(ops) if op.params}
 
     def _route(self, op):
@@ -130,11 +133,12 @@ class GraphEngine(StepEngine):
     def suffix(self, start):
         """(onnxruntime session of suffix_model(start), names of the other activations it reads)."""
         starts = (start,) if isinstance(start, str) else tuple(start)
-        if starts not in self._suffixes:
+
+        def make():
             model, extra = self.suffix_model(starts)
-            self._suffixes[starts] = (make_session(model, self.cuts.device, self.cuts.threads, arena=False),
-                                      extra)
-        return self._suffixes[starts]
+            session, mb = cut_session(model, self.cuts.device, self.cuts.threads)
+            return (session, extra), mb
+        return self._suffixes.get(starts, make)
 
     def run_suffix(self, start, rows, acts, sample, x):
         """Scores of the changed (copy, sample) rows [k, ...] of `start`, stacked on the batch axis; the other
@@ -249,10 +253,9 @@ class GraphEngine(StepEngine):
     def _op_copies(self, op, x, acts, index, delta):
         """dense(rows) for OP_STACKED: the op's output per perturbation, onnxruntime running the op alone (and the
         weight-side nodes that compute its inputs from the params) on the base activations."""
-        if op.output not in self._op_sessions:
-            model = cut(self.cuts.model, [self.manifest["params_input"], *op.inputs], [op.output])
-            self._op_sessions[op.output] = make_session(model, self.cuts.device, self.cuts.threads, arena=False)
-        session = self._op_sessions[op.output]
+        session = self._op_sessions.get(op.output, lambda: cut_session(
+            cut(self.cuts.model, [self.manifest["params_input"], *op.inputs], [op.output]), self.cuts.device,
+            self.cuts.threads))
         feed = {name: acts[name] for name in op.inputs}
 
         def dense(rows):
