@@ -58,3 +58,16 @@ def sarcos_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "sarcos.npz"
     np.savez(path, x=x[:1024], y=y[:1024])
     return path
+
+
+def assert_fast_equals_naive(fast, naive, feed, budget, steps, rtol):
+    """CoCD steps whose every loss from the artifact's fast path equals the naive path's within rtol (relative)."""
+    import numpy as np
+    from edgezo.runtime import CoCD
+    params = fast.initial_params()
+    opt = CoCD(params.copy(), lr=0.1, eps=0.05, budget=budget)
+    for _ in range(steps):
+        probe = opt.ask()
+        a, b = fast.losses(params, probe, feed, feed), naive.naive_losses(params, probe, feed)
+        assert np.allclose(a, b, rtol=rtol, atol=0), np.max(np.abs(a - b) / np.abs(b))
+        opt.tell(b)

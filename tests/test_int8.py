@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from conftest import DATASETS, run_cli
+from conftest import DATASETS, assert_fast_equals_naive, run_cli
 from edgezo.exporters.onnx_import import export_onnx
 from edgezo.runtime import load_artifact
 from edgezo.runtime.data import load_idx_pair
@@ -150,14 +150,7 @@ def test_faster_paths_equal_naive_within_float32_rounding(qdq, data, tmp_path):
     for selection in (dict(scales=True, biases=True), dict(last_layers=1), dict(lora=2, scales=True)):
         art = export_onnx(qdq, tmp_path / "_".join(selection), "cross_entropy", log=lambda line: None, **selection)
         fast, naive = load_artifact(art, "cpu"), load_artifact(art, "cpu", engine="naive")
-        feed = fast.feeds(x[:32], y[:32])
-        params = fast.initial_params()
-        opt = CoCD(params.copy(), lr=0.1, eps=0.05, budget=24)
-        for _ in range(2):
-            probe = opt.ask()
-            a, b = fast.losses(params, probe, feed, feed), naive.naive_losses(params, probe, feed)
-            assert np.allclose(a, b, rtol=1e-5, atol=0), np.max(np.abs(a - b) / np.abs(b))
-            opt.tell(a)
+        assert_fast_equals_naive(fast, naive, fast.feeds(x[:32], y[:32]), budget=24, steps=2, rtol=1e-5)
 
 
 def test_unrepresentable_values_are_one_line_errors(qdq, tmp_path):
