@@ -47,3 +47,8 @@ def deployed_artifact(model, selection, **kwargs):
         subprocess.run([sys.executable, "-c", code, str(path), model, selection, json.dumps(kwargs)], check=True,
                        cwd=Path(__file__).parent)  # deployed.py is a benchmark model, not part of the package
     return path
+
+
+def train_flags(settings):
+    """`edgezo train` flags for a tune's settings ({"lr": 0.01, ...} -> ["--lr=0.01", ...])."""
+    return [f"--{k.replace('_', '-')}={v!r}" for k, v in settings.items()]

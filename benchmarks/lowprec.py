@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import train_flags  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 SHIFT = dict(contrast=0.6, offset=0.25, noise=0.1)
 ROWS, TEST_ROWS, BATCH = 2048, 2000, 64
@@ -209,7 +210,7 @@ def main():
         best = json.loads((Path(args.tuned) / "best.json").read_text())
         trials = json.loads((Path(args.tuned) / "tune.json").read_text())["trials"]
         tuned = ["--optimizer", "cocd", "--budget", "64", "--epochs", args.long_epochs,
-                 *[f"--{k.replace('_', '-')}={v!r}" for k, v in best["settings"].items()]]
+                 *train_flags(best["settings"])]
         result["tuned"] = {"settings": best["settings"], "tune_val_loss": best["val_loss"], "cocd": tuned, "adapt": {},
                            "trials": len(trials), "hand_settings_val_loss": next(
                                (t["val_loss"] for t in trials if t["settings"] == HAND), None)}

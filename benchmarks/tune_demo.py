@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import train_flags  # noqa: E402
 from edgezo.adapt_demo import BATCH, MODEL, ZO, make_data  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,7 +50,7 @@ def main():
                "--trials", args.trials, "--steps", 320, "--eval-every", 32, "--try", "lr=0.03,eps=0.05,gamma=0.95",
                "--out", out / "tune")
     best = json.loads((out / "tune" / "best.json").read_text())
-    tuned = [f"--{k.replace('_', '-')}={v!r}" for k, v in best["settings"].items()]
+    tuned = train_flags(best["settings"])
     common = ["--data", train, "--val-data", test, "--batch-size", BATCH, "--epochs", 20]
     result = {"best_trial": best, "demo_defaults": defaults, "seeds": SEEDS}
     for name, settings in (("defaults", defaults), ("tuned", fixed + tuned)):

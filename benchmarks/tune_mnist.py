@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import train_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / ".." / "shared" / "datasets" / "mnist"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,7 +61,7 @@ def main():
                "--try", ",".join(a.lstrip("-") + "=" + b for a, b in zip(PAPER[::2], PAPER[1::2])),
                "--out", work / "tune")
     best = json.loads((work / "tune" / "best.json").read_text()) if (work / "tune" / "best.json").exists() else None
-    tuned = [f"--{k.replace('_', '-')}={v!r}" for k, v in best["settings"].items()] if best else None
+    tuned = train_flags(best["settings"]) if best else None
     if args.stage == "best":
         full_run(work, "best15", tuned, args.threads)
     if args.stage == "paper":

@@ -198,7 +198,8 @@ def test_cut_sessions_dropped_under_the_cap_are_made_again_exactly(deployed_file
     fast, naive = load_artifact(art, device="cpu", threads=1), load_artifact(art, device="cpu", engine="naive")
     engine = fast.fast_engine()
     assert len(engine._suffixes) > SESSIONS_KEPT  # the stacking check made one per layer
-    engine._suffixes.mb = engine._op_sessions.mb = 0
+    engine._suffixes.limit(0)
+    engine._op_sessions.limit(0)
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((3, *shape)).astype(np.float32), np.array([1, 4, 7])
     params = fast.initial_params()

@@ -145,14 +145,19 @@ class Recent:
     def get(self, key, make):
         if key in self.items:
             self.items.move_to_end(key)
-        else:
-            before = rss_mb() or 0.0
-            self.items[key], estimate = make()
-            self.sizes[key] = max((rss_mb() or 0.0) - before, estimate)
+            return self.items[key]
+        before = rss_mb() or 0.0
+        self.items[key], estimate = make()
+        self.sizes[key] = max((rss_mb() or 0.0) - before, estimate)
+        self.limit(self.mb)
+        return self.items[key]
+
+    def limit(self, mb):
+        """Cap the kept sizes at `mb` MiB from now on, dropping the least recently used over it."""
+        self.mb = mb
         while len(self.items) > self.keep and (self.mb is None or sum(self.sizes.values()) > self.mb):
             old = next(iter(self.items))
             del self.items[old], self.sizes[old]
-        return self.items[key]
 
     def __len__(self):
         return len(self.items)
