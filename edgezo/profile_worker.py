@@ -137,7 +137,8 @@ def main():
     if cfg["method"] in TORCH_METHODS:
         import torch  # noqa: F401
     else:
-        import onnxruntime  # noqa: F401
+        from edgezo.runtime.memory import import_runtime
+        import_runtime()
     from edgezo.devices.detect import jetson, nvml_process_mb, nvml_used_mb
     from edgezo.devices.memory import peak_rss_mb, rss_mb
     from edgezo.runtime.manifest import read

@@ -48,6 +48,8 @@ class RunConfig:
     batch_size: int = _flag("rows per step", default=64)
     epochs: int = _flag("passes over --data", default=1)
     steps: int = _flag("stop after this many batches (epochs as needed; replaces --epochs)")
+    max_seconds: float = _flag("stop once the training loop has run this long (evaluations not counted), after the "
+                               "step under way")
     eval_every: int = _flag("with validation data: its loss every N batches (at 0 and the last too), in "
                             "metrics.json's evals")
     seed: int = _flag("data order, validation split and direction seeds", default=0)
@@ -81,6 +83,7 @@ class RunConfig:
                               f"{', '.join('--' + k.replace('_', '-') for k in TAKES[self.optimizer])}")
         check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         check(self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        check(self.max_seconds is None or self.max_seconds > 0, f"--max-seconds must be > 0, got {self.max_seconds}")
         check(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1 batches, got "
               f"{self.eval_every}")
         check(self.eval_every is None or self.val_data or self.val_fraction,

@@ -35,3 +35,11 @@ def return_freed_memory():
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def import_runtime(engine="auto"):
+    """Import what training needs before a post-import baseline is read: onnxruntime, and onnx where the engine
+    may cut graphs (15 MiB); a rise then counts what training holds, as for other runtimes after their imports."""
+    import onnxruntime  # noqa: F401
+    if engine != "naive":
+        import onnx  # noqa: F401

@@ -93,8 +93,9 @@ def prepare(config, log, resumed=False):
     """Everything loaded and checked (artifact, optimizer, data); nothing written."""
     from . import load_artifact
     from .data import check_batch_size, num_rows
-    from .memory import rss_mb
+    from .memory import import_runtime, rss_mb
     from .train import DivergenceGuard
+    import_runtime(config.engine)
     baseline = rss_mb()
     config.check()
     artifact = load_artifact(config.artifact, device=config.device, threads=config.threads, backend=config.backend,
@@ -161,7 +162,7 @@ def fit_run(run, log, on_eval=None):
     fit(run.artifact, opt, run.train, config.batch_size, epochs, seed=config.seed, val_data=run.val,
         log=log, start_epoch=run.position[0], start_batch=run.position[1], on_step=on_step,
         on_epoch=run.history.append, guard=run.guard, max_steps=config.steps, eval_every=config.eval_every,
-        on_eval=record_eval)
+        on_eval=record_eval, max_seconds=config.max_seconds)
     return time.perf_counter() - start
 
 

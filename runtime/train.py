@@ -103,7 +103,7 @@ def steps(artifact, optimizer, batches, guard=None):
         yield StepResult(optimizer.steps, float(np.mean(losses)), time.perf_counter() - start)
 
 
-def evaluate(artifact, params, data, batch_size=1024):
+def evaluate(artifact, params, data, batch_size=256):
     """Mean loss (and accuracy for classifiers) of params over a dataset."""
     n = data_mod.num_rows(data)
     total, correct = 0.0, 0
@@ -144,14 +144,15 @@ class Progress:
 
 def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=None, on_epoch=None,
         log=print, progress=None, start_epoch=0, start_batch=0, on_step=None, guard=None, max_steps=None,
-        eval_every=None, on_eval=None):
+        eval_every=None, on_eval=None, max_seconds=None):
     """Epochs of training over `train_data` (a dict of arrays); returns the per-epoch history.
 
     Row order per epoch is `data.epoch_order(n, seed, epoch)`, so a run can resume at
     (start_epoch, start_batch). `on_step(epoch, batch_index, result)` and `on_epoch(record)` are
     called after each step and epoch. `max_steps` ends training after that many batches in all (mid-epoch);
     with `eval_every` and val_data, `on_eval({"step": batches, "val_loss": ...})` is called at batch 0, every
-    eval_every batches and at the last one.
+    eval_every batches and at the last one ("seconds": the loop's wall time so far, evaluations excluded).
+    `max_seconds` ends training once the loop has run that long (evaluations excluded), after the step under way.
     """
     n = data_mod.num_rows(train_data)
     data_mod.check_batch_size(batch_size, n)
@@ -161,10 +162,21 @@ def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=No
     per_epoch = data_mod.batches_per_epoch(n, batch_size, drop_last=fixed is not None)
     last = min(epochs * per_epoch, max_steps or epochs * per_epoch)
 
-    def check_point(done):
-        if eval_every and val_data is not None and on_eval and (done % eval_every == 0 or done == last):
-            val = evaluate(artifact, optimizer.params, val_data)
-            on_eval({"step": done, **{f"val_{k}": v for k, v in val.items()}})
+    clock = {"start": time.perf_counter(), "evaluating": 0.0}
+
+    def looped():
+        return time.perf_counter() - clock["start"] - clock["evaluating"]
+
+    def validate():
+        start = time.perf_counter()
+        val = evaluate(artifact, optimizer.params, val_data, batch_size)  # no larger than a training batch
+        clock["evaluating"] += time.perf_counter() - start
+        return val
+
+    def check_point(done, final=False):
+        if eval_every and val_data is not None and on_eval and (done % eval_every == 0 or done == last or final):
+            seconds = looped()
+            on_eval({"step": done, "seconds": seconds, **{f"val_{k}": v for k, v in validate().items()}})
 
     if start_epoch == 0 and start_batch == 0:
         check_point(0)
@@ -184,19 +196,21 @@ def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=No
             bar.update(b + 1, float(np.mean(losses[-20:])) if losses else float("nan"))
             if on_step:
                 on_step(epoch, b, result)
-            check_point(epoch * per_epoch + b + 1)
-            if epoch * per_epoch + b + 1 >= last:
+            out_of_time = max_seconds is not None and looped() >= max_seconds
+            check_point(epoch * per_epoch + b + 1, final=out_of_time)
+            if epoch * per_epoch + b + 1 >= last or out_of_time:
                 break
         record = {"epoch": epoch + 1, "steps": optimizer.steps, "train_loss": float(np.mean(losses)) if losses
                   else float("nan"), "seconds": seconds}
         if val_data is not None:
-            val = evaluate(artifact, optimizer.params, val_data)
-            record.update({f"val_{k}": v for k, v in val.items()})
+            record.update({f"val_{k}": v for k, v in validate().items()})
         history.append(record)
         if log:
             log(format_record(record))
         if on_epoch:
             on_epoch(record)
+        if max_seconds is not None and looped() >= max_seconds:
+            break
     return history
 
 

@@ -1,0 +1,216 @@
+"""edgezo against ONNX Runtime's on-device training: same source ONNX file, same trainable tensors, same data and
+batch order, accuracy against training-loop seconds and steps, peak RSS and its rise.
+
+Sides, each run in its own process:
+  ORT AdamW, ORT SGD: onnxruntime-training 1.19.2 in its own venv (`make bench-ort` builds .venv-ort: it replaces
+      onnxruntime, needs torch and onnx 1.16), benchmarks/ort_worker.py: generate_artifacts from the case's source
+      file and the edgezo artifact's trainable names (cross-entropy), then CheckpointState / Module / Optimizer.
+  edgezo CoCD, edgezo MeZO: `edgezo train` (torch-free) on the edgezo artifact of the same file and tensors.
+  torch AdamW / SGD (backprop reference): only where ONNX Runtime cannot build the gradient graph; the model's own
+      torch code (benchmarks/ort_cases.py), the same tensors. Labelled as such.
+Every side gets a learning-rate grid of the same size (3); the best run by its best accuracy is the side's row.
+Seconds are the training loop's (process start-up, model loading and evaluations excluded, on both sides); the
+rise is the peak RSS over the process's size after its imports (ORT's Python API imports torch). Before timing,
+both sides are checked to train the same tensors (names and sizes) of the same file and to give the same loss
+on the first batch; the check is in the JSON.
+
+Time-to-accuracy: the target is 90% of ORT AdamW's best accuracy gain; CoCD's loop seconds to reach it over
+ORT AdamW's. Memory: edgezo CoCD's peak RSS over ORT AdamW's.
+
+    make bench-ort   (or: python benchmarks/ort_training.py --ort-python .venv-ort/bin/python [--cases demo ...])
+        -> benchmarks/results/ort_training.json, runs/ort/ (cases, logs, per-run results)
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+from common import write_json  # noqa: E402
+from ort_cases import CASES  # noqa: E402
+
+GRIDS = {"ORT AdamW": ("0.001", "0.003", "0.01"), "ORT SGD": ("0.01", "0.03", "0.1"),
+         "edgezo CoCD": ("0.01", "0.03", "0.1"), "edgezo MeZO": ("0.003", "0.01", "0.03")}
+ZO_FLAGS = {"edgezo CoCD": ["--optimizer", "cocd", "--eps", "0.05", "--gamma", "0.95", "--budget", "64"],
+            "edgezo MeZO": ["--optimizer", "mezo", "--mu", "0.01", "--directions", "64"]}
+EPOCHS = {"demo": (20, 100), "mnv3_head": (10, 40), "mnv3_bn_biases": (10, 10), "transformer_block": (10, 20)}
+
+
+def run_quiet(cmd, log):
+    with open(log, "w") as out:
+        return subprocess.run([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def batch_order(rows, batch, epochs):
+    """(steps, batch) row indices: edgezo train's epoch order (data.epoch_order, seed 0), written for ORT."""
+    from edgezo.runtime.data import epoch_order
+    assert rows % batch == 0, "whole batches only: both sides take the same steps"
+    return np.concatenate([epoch_order(rows, 0, e).reshape(-1, batch) for e in range(epochs)])
+
+
+def ort_job(case_dir, optimizer, **extra):
+    manifest = json.loads((case_dir / "art" / "manifest.json").read_text())
+    data = {k: str(case_dir / f"{k}.npy") for k in ("x", "y", "test_x", "test_y", "order")}
+    return {"source": str(case_dir / "source.onnx"), "trainable": [e["name"] for e in manifest["trainable"]],
+            "loss": manifest["loss"]["kind"], "optimizer": optimizer, "dir": str(case_dir / f"ort_{optimizer}"),
+            "output": manifest["outputs"][0]["name"], "data": data, "eval_batch": CASES[case_dir.name][3], **extra}
+
+
+def ort(python, mode, job, case_dir, tag):
+    (case_dir / f"{tag}.job.json").write_text(json.dumps(job))
+    out = case_dir / f"{tag}.json"
+    code = run_quiet([python, HERE / "ort_worker.py", mode, case_dir / f"{tag}.job.json", out], case_dir / f"{tag}.log")
+    if code:
+        tail = (case_dir / f"{tag}.log").read_text().strip().splitlines()[-1:]
+        raise RuntimeError(f"ort_worker {mode} failed ({case_dir / tag}.log): {tail}")
+    return json.loads(out.read_text())
+
+
+def same_tensors_check(python, case_dir):
+    """Both sides train the same tensors of the same file: names, sizes and the first batch's loss."""
+    from edgezo.runtime import load_artifact
+    art = load_artifact(case_dir / "art", "cpu", engine="naive")
+    rows = np.load(case_dir / "order.npy")[0]
+    x, y = np.load(case_dir / "x.npy")[rows], np.load(case_dir / "y.npy")[rows]
+    loss, _ = art.outputs(art.initial_params(), {art.input_names[0]: x}, {art.target_names[0]: y})
+    edgezo = {e["name"]: e["size"] for e in art.manifest["trainable"]}
+    theirs = ort(python, "check", ort_job(case_dir, "adamw"), case_dir, "check")
+    rel = abs(theirs["first_batch_loss"] - float(loss)) / abs(float(loss))
+    return {"names_equal": sorted(edgezo) == sorted(theirs["trainable"]), "sizes_equal": edgezo == theirs["trainable"],
+            "trainable_tensors": len(edgezo), "trainable_values": sum(edgezo.values()),
+            "edgezo_first_batch_loss": float(loss), "ort_first_batch_loss": theirs["first_batch_loss"],
+            "relative_difference": rel, "passed": edgezo == theirs["trainable"] and rel < 1e-4}
+
+
+def edgezo_run(case_dir, name, lr, epochs, batch, max_seconds):
+    run = case_dir / f"run_{name.split()[-1].lower()}_{lr}"
+    if not (run / "metrics.json").exists():
+        cmd = [sys.executable, "-m", "edgezo.cli", "train", case_dir / "art", "--data", case_dir / "train.npz",
+               "--val-data", case_dir / "test.npz", "--batch-size", batch, "--epochs", epochs, "--eval-every",
+               CASES[case_dir.name][2] // batch, "--lr", lr, "--max-seconds", max_seconds, *ZO_FLAGS[name],
+               "--out", run]
+        if run_quiet(cmd, f"{run}.log"):
+            raise RuntimeError(f"edgezo train failed: see {run}.log")
+    m = json.loads((run / "metrics.json").read_text())
+    evals = [{"step": e["step"], "seconds": e["seconds"], "loss": e["val_loss"], "accuracy": e["val_accuracy"]}
+             for e in m["evals"]]
+    return {"evals": evals, "peak_rss_mb": m["peak_rss_mb"], "rss_baseline_mb": m["rss_baseline_mb"],
+            "rss_rise_mb": m["rss_rise_mb"], "torch_imported": m["torch_imported"], "engine": m["engine"]}
+
+
+def backprop_run(python, case_dir, side, lr, max_seconds, every):
+    """ORT (own venv) or, where ORT cannot build gradients, the torch reference: same loop, same JSON."""
+    optimizer = "adamw" if "AdamW" in side else "sgd"
+    tag = f"run_{side.split()[0].lower()}_{optimizer}_{lr}"
+    if (case_dir / f"{tag}.json").exists():
+        return json.loads((case_dir / f"{tag}.json").read_text())
+    job = ort_job(case_dir, optimizer, lr=float(lr), max_seconds=max_seconds, eval_every=every)
+    if side.startswith("ORT"):
+        return ort(python, "train", job, case_dir, tag)
+    job.update(arch=CASES[case_dir.name][0], model=str(case_dir / "model.pt"))
+    (case_dir / f"{tag}.job.json").write_text(json.dumps(job))
+    if run_quiet([sys.executable, HERE / "ort_cases.py", "torch", case_dir / f"{tag}.job.json", case_dir / f"{tag}.json"],
+                 case_dir / f"{tag}.log"):
+        raise RuntimeError(f"torch reference failed: see {case_dir / tag}.log")
+    return json.loads((case_dir / f"{tag}.json").read_text())
+
+
+def best_of(grid):
+    lr = max(grid, key=lambda k: max(e["accuracy"] for e in grid[k]["evals"]))
+    return dict(grid[lr], lr=lr, best_accuracy=max(e["accuracy"] for e in grid[lr]["evals"]),
+                grid={k: max(e["accuracy"] for e in v["evals"]) for k, v in grid.items()})
+
+
+def reach(row, target):
+    """(steps, seconds) of the first evaluation at or above target, else None."""
+    return next(((e["step"], e["seconds"]) for e in row["evals"] if e["accuracy"] >= target), None)
+
+
+def ratios(rows, reference):
+    ref, cocd = rows[reference], rows["edgezo CoCD"]
+    before = ref["evals"][0]["accuracy"]
+    target = before + 0.9 * (ref["best_accuracy"] - before)
+    theirs, ours = reach(ref, target), reach(cocd, target)
+    out = {"reference": reference, "accuracy_before": before, "target_accuracy": target,
+           "reference_steps_to_target": theirs[0], "reference_seconds_to_target": theirs[1],
+           "peak_rss_ratio": cocd["peak_rss_mb"] / ref["peak_rss_mb"], "rise_ratio": cocd["rss_rise_mb"] /
+           max(ref["rss_rise_mb"], 1e-9)}
+    if ours:
+        out.update(cocd_steps_to_target=ours[0], cocd_seconds_to_target=ours[1],
+                   time_to_accuracy_ratio=ours[1] / max(theirs[1], 1e-9), steps_ratio=ours[0] / max(theirs[0], 1),
+                   step_time_ratio=(ours[1] / max(ours[0], 1)) / max(theirs[1] / max(theirs[0], 1), 1e-9))
+    else:
+        out["cocd_not_reached_in_seconds"] = cocd["evals"][-1]["seconds"]
+    return out
+
+
+def run_case(name, python, work, max_seconds):
+    case_dir = work / name
+    arch, _, rows, batch = CASES[name]
+    if not (case_dir / "art" / "manifest.json").exists():
+        print(f"[{name}] building (pretraining with torch, export)...", flush=True)
+        subprocess.run([sys.executable, HERE / "ort_cases.py", "build", name, case_dir], check=True)
+    backprop_epochs, zo_epochs = EPOCHS[name]
+    np.save(case_dir / "order.npy", batch_order(rows, batch, max(backprop_epochs, zo_epochs)))
+    result = {"architecture": arch, "train_rows": rows, "batch": batch, "epochs": {"backprop": backprop_epochs,
+              "forward_only": zo_epochs}, "max_seconds": max_seconds, "errors": {}}
+    result["artifacts"] = {o: ort(python, "artifacts", ort_job(case_dir, o), case_dir, f"artifacts_{o}")
+                           for o in ("adamw", "sgd")}
+    ort_ok = result["artifacts"]["adamw"]["ok"]
+    if ort_ok:
+        result["check"] = same_tensors_check(python, case_dir)
+        print(f"[{name}] same tensors, same file: {result['check']}", flush=True)
+        if not result["check"]["passed"]:
+            raise SystemExit(f"[{name}] the two sides do not train the same thing: {result['check']}")
+    else:
+        result["errors"]["ORT"] = result["artifacts"]["adamw"]["error"]
+        print(f"[{name}] ONNX Runtime training cannot build this case: {result['errors']['ORT']}", flush=True)
+    sides = ["ORT AdamW", "ORT SGD"] if ort_ok else ["torch AdamW (backprop reference)", "torch SGD (backprop reference)"]
+    every = rows // batch
+    np.save(case_dir / "order.npy", batch_order(rows, batch, backprop_epochs))  # backprop: its epochs
+    rows_out = {}
+    for side in sides:
+        grid = {lr: backprop_run(python, case_dir, side, lr, max_seconds, every)
+                for lr in GRIDS["ORT AdamW" if "AdamW" in side else "ORT SGD"]}
+        rows_out[side] = best_of(grid)
+        print(f"[{name}] {side}: {100 * rows_out[side]['best_accuracy']:.1f}% (lr {rows_out[side]['lr']}), "
+              f"peak {rows_out[side]['peak_rss_mb']:.0f} MiB, rise {rows_out[side]['rss_rise_mb']:.0f}", flush=True)
+    for side in ZO_FLAGS:
+        grid = {lr: edgezo_run(case_dir, side, lr, zo_epochs, batch, max_seconds) for lr in GRIDS[side]}
+        rows_out[side] = best_of(grid)
+        print(f"[{name}] {side}: {100 * rows_out[side]['best_accuracy']:.1f}% (lr {rows_out[side]['lr']}), "
+              f"peak {rows_out[side]['peak_rss_mb']:.0f} MiB, rise {rows_out[side]['rss_rise_mb']:.0f}", flush=True)
+    result["rows"] = rows_out
+    result["ratios"] = ratios(rows_out, sides[0])
+    print(f"[{name}] {json.dumps(result['ratios'])}", flush=True)
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ort-python", default=str(ROOT / ".venv-ort" / "bin" / "python"),
+                   help="python of the venv with onnxruntime-training 1.19.2 (make bench-ort builds it)")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--out", default=str(ROOT / "runs" / "ort"))
+    p.add_argument("--max-seconds", type=float, default=600, help="cap on each run's training loop")
+    args = p.parse_args()
+    if not Path(args.ort_python).exists():
+        raise SystemExit(f"{args.ort_python} not found: run `make bench-ort` (it builds .venv-ort)")
+    work = Path(args.out).resolve()
+    start = time.perf_counter()
+    results = {"grids": GRIDS, "forward_only_flags": ZO_FLAGS, "eval_batch": "the training batch, both sides", "cases": {}}
+    for name in args.cases:
+        results["cases"][name] = run_case(name, args.ort_python, work, args.max_seconds)
+    results["seconds"] = time.perf_counter() - start
+    write_json("ort_training", results)
+
+
+if __name__ == "__main__":
+    main()
