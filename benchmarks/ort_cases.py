@@ -114,7 +114,7 @@ def torch_train(job):
     from ort_worker import peak_rss_mb, rss_mb
     baseline = rss_mb()
     torch.set_num_threads(job.get("threads", 2))
-    arrays = {k: np.load(v) for k, v in job["data"].items()}
+    arrays = {k: np.load(v, mmap_mode="r" if k == "order" else None) for k, v in job["data"].items()}
     model = torch_model(job["arch"])
     model.load_state_dict(torch.load(job["model"]))
     model.eval()  # deployed BatchNorm: running statistics, as in the ONNX graph
@@ -150,7 +150,7 @@ def torch_train(job):
                 break
         if step == len(order):
             break
-        rows = torch.from_numpy(order[step])
+        rows = torch.from_numpy(np.array(order[step]))
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
         opt.step()

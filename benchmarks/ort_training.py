@@ -89,12 +89,12 @@ def same_tensors_check(python, case_dir):
             "relative_difference": rel, "passed": edgezo == theirs["trainable"] and rel < 1e-4}
 
 
-def edgezo_run(case_dir, name, lr, epochs, batch, max_seconds):
-    run = case_dir / f"run_{name.split()[-1].lower()}_{lr}"
+def edgezo_run(case_dir, name, lr, epochs, batch, max_seconds, tag=""):
+    run = case_dir / f"run_{name.split()[-1].lower()}_{lr}{tag}"
     if not (run / "metrics.json").exists():
         cmd = [sys.executable, "-m", "edgezo.cli", "train", case_dir / "art", "--data", case_dir / "train.npz",
                "--val-data", case_dir / "test.npz", "--batch-size", batch, "--epochs", epochs, "--eval-every",
-               CASES[case_dir.name][2] // batch, "--lr", lr, "--max-seconds", max_seconds, *ZO_FLAGS[name],
+               max(1, CASES[case_dir.name][2] // batch), "--lr", lr, "--max-seconds", max_seconds, *ZO_FLAGS[name],
                "--out", run]
         if run_quiet(cmd, f"{run}.log"):
             raise RuntimeError(f"edgezo train failed: see {run}.log")
@@ -105,13 +105,17 @@ def edgezo_run(case_dir, name, lr, epochs, batch, max_seconds):
             "rss_rise_mb": m["rss_rise_mb"], "torch_imported": m["torch_imported"], "engine": m["engine"]}
 
 
-def backprop_run(python, case_dir, side, lr, max_seconds, every):
-    """ORT (own venv) or, where ORT cannot build gradients, the torch reference: same loop, same JSON."""
+def backprop_run(python, case_dir, side, lr, max_seconds, every, batch=None, epochs=None):
+    """ORT (own venv) or, where ORT cannot build gradients, the torch reference: same loop, same JSON.
+    batch/epochs: another batch size than the case's (its own batch order file)."""
     optimizer = "adamw" if "AdamW" in side else "sgd"
-    tag = f"run_{side.split()[0].lower()}_{optimizer}_{lr}"
+    tag = f"run_{side.split()[0].lower()}_{optimizer}_{lr}" + (f"_b{batch}_{max_seconds:g}s" if batch else "")
     if (case_dir / f"{tag}.json").exists():
         return json.loads((case_dir / f"{tag}.json").read_text())
     job = ort_job(case_dir, optimizer, lr=float(lr), max_seconds=max_seconds, eval_every=every)
+    if batch:
+        np.save(case_dir / f"order_b{batch}.npy", batch_order(CASES[case_dir.name][2], batch, epochs))
+        job.update(eval_batch=batch, data=dict(job["data"], order=str(case_dir / f"order_b{batch}.npy")))
     if side.startswith("ORT"):
         return ort(python, "train", job, case_dir, tag)
     job.update(arch=CASES[case_dir.name][0], model=str(case_dir / "model.pt"))
@@ -193,6 +197,43 @@ def run_case(name, python, work, max_seconds):
     return result
 
 
+BUDGET_MB, BUDGET_BATCHES = 256, (32, 64, 128, 256, 512, 1024)
+
+
+def memory_budget(python, work, rows, max_seconds, probe_seconds=10):
+    """Case mnv3_bn_biases at growing batch sizes: the largest batch each side (edgezo CoCD and the case's backprop
+    reference, each at its grid's best lr) fits under BUDGET_MB of rise (a short run per batch), then the accuracy
+    it reaches at that batch within max_seconds of training loop."""
+    case_dir = work / "mnv3_bn_biases"
+    rows_n = CASES["mnv3_bn_biases"][2]
+    out = {"budget_mb": BUDGET_MB, "probe_seconds": probe_seconds, "max_seconds": max_seconds}
+    for side, row in rows.items():
+        if side not in ("edgezo CoCD",) and "AdamW" not in side:
+            continue
+
+        def run(batch, seconds):
+            if side == "edgezo CoCD":
+                return edgezo_run(case_dir, side, row["lr"], 1000, batch, seconds, tag=f"_b{batch}_{seconds:g}s")
+            return backprop_run(python, case_dir, side, row["lr"], seconds, max(1, rows_n // batch), batch,
+                                epochs=int(seconds * 100 * 32 / rows_n) + 1)  # ~100 steps/s at batch 32
+        rises = {}
+        for batch in BUDGET_BATCHES:
+            rises[batch] = run(batch, probe_seconds)["rss_rise_mb"]
+            print(f"[budget] {side} batch {batch}: rise {rises[batch]:.0f} MiB", flush=True)
+            if rises[batch] > BUDGET_MB:
+                break
+        fitting = [b for b, r in rises.items() if r <= BUDGET_MB]
+        entry = {"lr": row["lr"], "rise_by_batch": rises, "largest_batch": max(fitting) if fitting else None}
+        if fitting:
+            final = run(max(fitting), max_seconds)
+            entry.update(accuracy=max(e["accuracy"] for e in final["evals"]), rss_rise_mb=final["rss_rise_mb"],
+                         seconds=final["evals"][-1]["seconds"], steps=final["evals"][-1]["step"])
+            print(f"[budget] {side}: batch {entry['largest_batch']}, {100 * entry['accuracy']:.1f}% in "
+                  f"{entry['seconds']:.0f} s", flush=True)
+        out[side] = entry
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ort-python", default=str(ROOT / ".venv-ort" / "bin" / "python"),
@@ -200,6 +241,9 @@ def main():
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--out", default=str(ROOT / "runs" / "ort"))
     p.add_argument("--max-seconds", type=float, default=600, help="cap on each run's training loop")
+    p.add_argument("--budget-seconds", type=float, default=0,
+                   help="with mnv3_bn_biases: also the largest batch each side fits under 256 MiB of rise and its "
+                        "accuracy within this many seconds (0: skip)")
     args = p.parse_args()
     if not Path(args.ort_python).exists():
         raise SystemExit(f"{args.ort_python} not found: run `make bench-ort` (it builds .venv-ort)")
@@ -208,6 +252,9 @@ def main():
     results = {"grids": GRIDS, "forward_only_flags": ZO_FLAGS, "eval_batch": "the training batch, both sides", "cases": {}}
     for name in args.cases:
         results["cases"][name] = run_case(name, args.ort_python, work, args.max_seconds)
+    if args.budget_seconds and "mnv3_bn_biases" in results["cases"]:
+        results["memory_budget"] = memory_budget(args.ort_python, work, results["cases"]["mnv3_bn_biases"]["rows"],
+                                                 args.budget_seconds)
     results["seconds"] = time.perf_counter() - start
     write_json("ort_training", results)
 

@@ -59,7 +59,8 @@ def load(job, threads=2):
 
 
 def data(job):
-    arrays = {k: np.load(v) for k, v in job["data"].items()}  # x, y, test_x, test_y, order (steps x batch)
+    arrays = {k: np.load(v, mmap_mode="r" if k == "order" else None)  # x, y, test_x, test_y, order (steps x batch)
+              for k, v in job["data"].items()}
     if job["loss"] == "cross_entropy":
         arrays["y"], arrays["test_y"] = arrays["y"].astype(np.int64), arrays["test_y"].astype(np.int64)
     return arrays

@@ -1,4 +1,6 @@
 """Load an artifact folder and evaluate its loss through onnxruntime (no torch)."""
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ from .files import load_params
 from .probes import CoordinateProbe, perturbed
 
 ENGINES = ("auto", "batched", "naive")
+# --engine auto keeps the engine only if its 2nd probe takes < 0.8x naive's time (raced where it takes >= 0.1 s)
+RACE_CALL, RACE_MARGIN, RACE_MIN_SECONDS = 2, 0.8, 0.1
 BACKENDS = {}  # name -> callable(path, device, threads) returning an Artifact; runtime/ imports none of them
 NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32,
              "float16": np.float16}
@@ -161,11 +165,37 @@ class Artifact:
         feed = self.feeds(inputs, targets)
         engine = self.fast_engine() if isinstance(probe, CoordinateProbe) else None
         if engine is not None:  # every coordinate: by delta propagation, stacked or generic (engine_paths)
+            self.engine_calls += 1
+            if self.engine_calls == RACE_CALL and self.engine_name == "auto":
+                return self._race(engine, params, probe, feed)
             return engine.losses(params, probe, feed, feed)
         self.naive_rows += len(probe)
         return self.naive_losses(params, probe, feed)
 
     naive_rows = 0  # probe rows evaluated by the naive path
+    engine_calls = 0
+
+    def _race(self, engine, params, probe, feed):
+        """The engine against the naive path on one probe (its sessions warm from the call before): where the
+        engine is not clearly faster (deep coordinates whose suffixes cost nearly a forward each, or a tight
+        --engine-memory-mb), training goes on naive, with less memory, and the run's note says so."""
+        start = time.perf_counter()
+        losses = engine.losses(params, probe, feed, feed)
+        fast = time.perf_counter() - start
+        if fast < RACE_MIN_SECONDS:  # a fast step either way: not worth a naive evaluation
+            return losses
+        start = time.perf_counter()
+        naive = self.naive_losses(params, probe, feed)
+        slow = time.perf_counter() - start
+        if fast < RACE_MARGIN * slow:
+            return losses
+        self._engine, self._no_engine = None, True
+        self.engine_note = (f"fast engine not used: no faster than the naive path here ({1e3 * fast:.0f} vs "
+                            f"{1e3 * slow:.0f} ms for a probe of {len(probe)} rows, --engine-memory-mb "
+                            f"{self.engine_memory_mb:g}); evaluating one perturbation per call")
+        print(f"edgezo: {self.engine_note}", file=sys.stderr)
+        self.naive_rows += len(probe)
+        return naive
 
     def paths_taken(self):
         """{path: probe rows evaluated along it so far} ("engine", "stacked", "generic", "device", "naive"), as

@@ -173,7 +173,7 @@ def finish(run, seconds, log):
                "divergence_events": run.guard.events, "resumed": run.resumed, "backend": artifact.backend,
                "engine": "naive" if artifact.fast_engine() is None else artifact.engine_name,
                "engine_paths": artifact.tensor_paths() if artifact.backend == "onnxruntime" else {},
-               "rss_baseline_mb": run.baseline_mb}
+               "rss_baseline_mb": run.baseline_mb, "engine_note": artifact.engine_note}
     if run.evals:
         metrics["evals"] = run.evals
     if artifact.backend == "onnxruntime":
