@@ -9,6 +9,7 @@ of edgezo; everything comes and goes as files: a job .json in, a result .json ou
                  excluded from "seconds"), peak RSS and its rise over the size after the imports.
 """
 import json
+import re
 import resource
 import sys
 import time
@@ -41,8 +42,12 @@ def artifacts(job):
                                          loss=loss[job["loss"]], optimizer=optim[job["optimizer"]],
                                          artifact_directory=str(out), additional_output_names=[job["output"]])
         return {"ok": True}
-    except Exception as e:  # the incumbent's own failure is this case's row
-        return {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}"}
+    except Exception as e:  # the incumbent's own failure is this case's row: its message without the C++ signature
+        first = str(e).strip().splitlines()[0]
+        where = re.match(r"(\S+\.(?:cc|h):\d+)", first)
+        said = re.search(r"\) (?:const )?((?=[A-Za-z]).*)$", first)
+        return {"ok": False, "error": f"{type(e).__name__} at {where.group(1) if where else '?'}: "
+                                      f"{(said.group(1) if said else first)[:300]}", "full_error": first[:2000]}
 
 
 def load(job, threads=2):

@@ -34,7 +34,7 @@ from .step import Path, Route, StepEngine
 
 
 BATCH_MIXING = {"DynamicQuantizeLinear"}  # ops whose output depends on every sample of the batch
-SESSIONS_KEPT = 4  # cut sessions always kept, whatever their size (more than one step uses)
+SESSIONS_KEPT = 2  # cut sessions always kept, whatever their size (more than one step uses)
 
 
 class GraphEngine(StepEngine):
@@ -60,7 +60,9 @@ class GraphEngine(StepEngine):
                 self.consumers.setdefault(name, []).append(op)
         self._downstream, self._needs = {}, {}
         # cut sessions kept under the memory cap (as the stacked copies are): a step uses one or two layers'
-        self._suffixes, self._op_sessions = Recent(SESSIONS_KEPT, memory_mb), Recent(SESSIONS_KEPT, memory_mb / 4)
+        # one budget: half for a chunk of copies, 3/8 for suffix sessions, 1/8 for op sessions
+        self.memory_bytes = memory_mb * 2 ** 19
+        self._suffixes, self._op_sessions = Recent(SESSIONS_KEPT, memory_mb * 3 / 8), Recent(SESSIONS_KEPT, memory_mb / 8)
         self.routes = {j: self._route(op) for j, op in enumerate(ops) if op.params}
 
     def _route(self, op):
