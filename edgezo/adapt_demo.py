@@ -39,6 +39,8 @@ ZO = {  # name: edgezo train arguments; CoCD's from a sweep of B, lr, gamma on t
     "MeZO": ["--optimizer", "mezo", "--directions", "66", "--lr", "0.01", "--mu", "0.01"],
 }
 SGD_LRS = ("0.01", "0.03", "0.1")
+REFERENCE = ("torch eager backprop through edgezo's ONNX-to-torch interpreter (edgezo train-torch), not an on-device "
+             "runtime")
 
 
 def make_data(out, folder=FASHION):
@@ -167,7 +169,8 @@ def run_adapt_demo(out, epochs=20, task="adapt"):
     grid = {name: summary(m, before) for name, m in results.items() if name.startswith("SGD")}
     best = max(grid, key=lambda k: grid[k]["accuracy_after"])
     sgd = "SGD (fp32 backprop)" if int8 else "SGD (backprop)"
-    methods[sgd] = dict(grid[best], lr=best.split("=")[1], grid={k: v["accuracy_after"] for k, v in grid.items()})
+    methods[sgd] = dict(grid[best], lr=best.split("=")[1], grid={k: v["accuracy_after"] for k, v in grid.items()},
+                        reference=REFERENCE)
     plot(methods, out / "accuracy.png", epochs)
     sgd_gain = methods[sgd]["accuracy_after"] - before
     print(f"\n{'method':<16} {'before':>7} {'after':>7} {'gain vs SGD':>11} {'seconds':>8} {'peak RSS':>9} "
@@ -181,6 +184,8 @@ def run_adapt_demo(out, epochs=20, task="adapt"):
           "each process, two processes at a time" + ("; int8: accuracy of the written-back int8 file; backprop "
                                                       "cannot train the int8 graph: SGD trains the fp32 model's head)"
                                                       if int8 else ")"))
+    print(f"SGD's seconds and memory are {REFERENCE}; against ONNX Runtime's on-device training on this task and "
+          "deeper ones: benchmarks/ort_training.py (docs/results.md)")
     result = {"model": model.name, "task": f"Fashion-MNIST with a new 10-way{' int8' if int8 else ''} head",
               "trainable": art.num_params,
               "epochs": epochs, "train_rows": TRAIN_ROWS, "test_rows": TEST_ROWS, "methods": methods,

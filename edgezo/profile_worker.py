@@ -74,6 +74,7 @@ def run_edgezo(cfg, manifest, data, mark):
     from edgezo.runtime.train import steps
     artifact = load_artifact(cfg["artifact"], device=cfg["device"], threads=cfg.get("threads"),
                              engine_memory_mb=cfg["engine_memory_mb"], lean_memory=cfg.get("lean_memory", False))
+    artifact.race = True  # as edgezo train runs it
     if cfg["method"] == "inference":
         from edgezo.runtime.sessions import make_session
         session = make_session(artifact.file("inference"), cfg["device"], cfg.get("threads"))

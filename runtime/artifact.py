@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .memory import return_freed_memory
+from .memory import return_freed_memory, rss_mb
 from .sessions import active_device, make_session
 from . import manifest as manifest_mod
 from .errors import EdgezoError, check
@@ -50,6 +50,7 @@ class Artifact:
         if self._engine is not None or self.engine_name == "naive" or self._no_engine:
             return self._engine
         from .engine import GraphEngine, Unsupported
+        before = rss_mb() or 0.0
         try:
             self._engine = GraphEngine.build(self.file("loss"), self.manifest, propagate=self.engine_name == "auto",
                                              memory_mb=self.engine_memory_mb, threads=self.threads,
@@ -62,6 +63,8 @@ class Artifact:
             self.engine_note = f"fast engine not used ({why}); evaluating one perturbation per call"
             self._no_engine = True
             return None
+        built = (rss_mb() or 0.0) - before  # its sessions and buffers: the rest of the cap is for steps
+        self._engine.limit_memory(max(self.engine_memory_mb - built, 1.0))
         if self.device != "cpu":  # kernels as ONNX graphs, activations and copies on the device
             from .engine import DeviceEngine
             self._engine = DeviceEngine(self._engine, self.device)
@@ -166,7 +169,7 @@ class Artifact:
         engine = self.fast_engine() if isinstance(probe, CoordinateProbe) else None
         if engine is not None:  # every coordinate: by delta propagation, stacked or generic (engine_paths)
             self.engine_calls += 1
-            if self.engine_calls == RACE_CALL and self.engine_name == "auto":
+            if self.engine_calls == RACE_CALL and self.engine_name == "auto" and self.race:
                 return self._race(engine, params, probe, feed)
             return engine.losses(params, probe, feed, feed)
         self.naive_rows += len(probe)
@@ -174,6 +177,7 @@ class Artifact:
 
     naive_rows = 0  # probe rows evaluated by the naive path
     engine_calls = 0
+    race = False  # training runs (run.prepare, the profiler) set it: the engine must beat naive to stay
 
     def _race(self, engine, params, probe, feed):
         """The engine against the naive path on one probe (its sessions warm from the call before): where the

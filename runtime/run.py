@@ -101,6 +101,7 @@ def prepare(config, log, resumed=False):
     artifact = load_artifact(config.artifact, device=config.device, threads=config.threads, backend=config.backend,
                              engine=config.engine, engine_memory_mb=config.engine_memory_mb,
                              lean_memory=config.lean_memory)
+    artifact.race = True
     params = artifact.initial_params()
     opt = make_optimizer(config, params)
     guard = DivergenceGuard(config.divergence_factor, config.on_divergence, log=log)

@@ -1,6 +1,7 @@
 """Today's trajectories are bit-identical to those recorded before the refactor (tests/trajectories.py, recorded
 with commit 5af24f5's code): every optimizer through run.train, the engine (auto and naive), CoCD's memory window,
-weight decay and one-sided differences."""
+weight decay and one-sided differences. cnn-cocd re-recorded once since: the engine's chunk of copies now takes
+half of --engine-memory-mb (the rest is for its sessions), which moved one parameter by 1 ulp (7e-9)."""
 from pathlib import Path
 
 import numpy as np

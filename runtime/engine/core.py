@@ -60,10 +60,15 @@ class GraphEngine(StepEngine):
                 self.consumers.setdefault(name, []).append(op)
         self._downstream, self._needs = {}, {}
         # cut sessions kept under the memory cap (as the stacked copies are): a step uses one or two layers'
-        # one budget: half for a chunk of copies, 3/8 for suffix sessions, 1/8 for op sessions
-        self.memory_bytes = memory_mb * 2 ** 19
-        self._suffixes, self._op_sessions = Recent(SESSIONS_KEPT, memory_mb * 3 / 8), Recent(SESSIONS_KEPT, memory_mb / 8)
+        self._suffixes, self._op_sessions = Recent(SESSIONS_KEPT), Recent(SESSIONS_KEPT)
+        self.limit_memory(memory_mb)
         self.routes = {j: self._route(op) for j, op in enumerate(ops) if op.params}
+
+    def limit_memory(self, mb):
+        """One budget for what steps add: half for a chunk of copies, 3/8 for suffix sessions, 1/8 for op sessions."""
+        self.memory_bytes = mb * 2 ** 19
+        self._suffixes.limit(mb * 3 / 8)
+        self._op_sessions.limit(mb / 8)
 
     def _route(self, op):
         if op.mode is Mode.OPAQUE:
@@ -151,7 +156,7 @@ class GraphEngine(StepEngine):
             feed[name] = acts[name][sample]
         return session.run(None, feed)[0]
 
-    def check_stacking(self, a0):
+    def check_stacking(self, a0, budget_check=lambda: None):
         """Each stacked suffix must treat samples independently: a run on two different stacked copies must
         equal separate runs (training-mode BatchNorm, batch reductions and batch sizes baked into a Reshape
         fail this). Layers whose suffix fails take the generic path, and the path says why."""
@@ -162,6 +167,7 @@ class GraphEngine(StepEngine):
             if route.path is not Path.STACKED:
                 continue
             why = self.stacks(self.start_of(j), x, a0)
+            budget_check()
             if why:
                 self.routes[j] = Route(Path.GENERIC, route.detail + why)
 

@@ -5,6 +5,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..loss import scores_name
+from ..memory import rss_mb
 from .graph import Subgraphs, Unsupported, ancestors, attrs, downstream, kinds_of, subgraph_inputs
 from .ops import OPS, Context, Mode, Op
 
@@ -58,6 +59,19 @@ def read_ops(graph, nodes, ctx, readers):
     return ops
 
 
+class BuildBudget:
+    """The build's RSS growth may not pass --engine-memory-mb (each suffix checked is an onnxruntime session of
+    10-15 MiB): checked after each session, so it overshoots by one at most."""
+
+    def __init__(self, memory_mb):
+        self.memory_mb, self.start = memory_mb, rss_mb() or 0.0
+
+    def check(self):
+        grown = (rss_mb() or 0.0) - self.start
+        if grown > self.memory_mb:
+            raise Unsupported(f"building it took over {grown:.0f} MiB, --engine-memory-mb is {self.memory_mb:g}")
+
+
 def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None, device="cpu"):
     """The engine for loss.onnx at model_path; raises Unsupported where an op or pattern is not handled."""
     model = onnx.load(str(model_path))
@@ -81,6 +95,7 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     folded = sorted({n for node in nodes for n in node.input[1:]
                      if n and kinds.get(n) == "static" and n not in const and n not in entries})
     # one run at a dummy batch of 2 (zeros): the folded tensors' values and every activation's shape
+    budget = BuildBudget(memory_mb)
     subgraphs = Subgraphs(model, manifest, threads, device=device, keep=2)
     outs = [node.output[0] for node in nodes]
     frozen_in = sorted({n for node in nodes for n in node.input if kinds.get(n) == "data"} - set(outs)
@@ -113,7 +128,8 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     engine = cls(ops, manifest, propagate, memory_mb, base, widest, kinds, subgraphs)
     rng = np.random.default_rng(0)
     a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(np.float32)
-    engine.check_stacking(a0)
+    budget.check()
+    engine.check_stacking(a0, budget.check)
     engine.check_loss(subgraphs, probe[output] + rng.standard_normal(probe[output].shape).astype(np.float32), rng)
     subgraphs.sessions.clear()  # the build's sessions (each holds the frozen weights) are not the steps'
     return engine
