@@ -234,17 +234,45 @@ def memory_budget(python, work, rows, max_seconds, probe_seconds=10):
     return out
 
 
+def markdown(results):
+    """The per-case table of docs/results.md."""
+    lines = ["| case | backprop reference (best lr) | its best | CoCD best | MeZO best | to 90% of its gain: reference "
+             "/ CoCD (steps, loop s) | time ratio | steps ratio, step-time ratio | peak RSS ref / CoCD (ratio) | "
+             "rise ref / CoCD (ratio) |", "|" + "---|" * 10]
+    for name, case in results["cases"].items():
+        r, rows = case["ratios"], case["rows"]
+        ref, cocd, mezo = rows[r["reference"]], rows["edgezo CoCD"], rows["edgezo MeZO"]
+        if "cocd_seconds_to_target" in r:
+            ours = f"{r['cocd_steps_to_target']}, {r['cocd_seconds_to_target']:.1f} s"
+            ratio = f"**{r['time_to_accuracy_ratio']:.2f}x**"
+            why = f"{r['steps_ratio']:.1f}x, {r['step_time_ratio']:.2f}x"
+        else:
+            ours, ratio, why = f"not reached in {r['cocd_not_reached_in_seconds']:.0f} s", "-", "-"
+        label = r["reference"] + (" (ORT cannot build it)" if case["errors"].get("ORT") else "")
+        lines.append(
+            f"| {name} | {label} ({ref['lr']}) | {100 * ref['best_accuracy']:.1f}% | {100 * cocd['best_accuracy']:.1f}% "
+            f"({cocd['lr']}) | {100 * mezo['best_accuracy']:.1f}% ({mezo['lr']}) | {r['reference_steps_to_target']}, "
+            f"{r['reference_seconds_to_target']:.1f} s / {ours} | {ratio} | {why} | {ref['peak_rss_mb']:.0f} / "
+            f"{cocd['peak_rss_mb']:.0f} MiB ({r['peak_rss_ratio']:.2f}) | {ref['rss_rise_mb']:.0f} / "
+            f"{cocd['rss_rise_mb']:.0f} MiB ({r['rise_ratio']:.2f}) |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ort-python", default=str(ROOT / ".venv-ort" / "bin" / "python"),
                    help="python of the venv with onnxruntime-training 1.19.2 (make bench-ort builds it)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--out", default=str(ROOT / "runs" / "ort"))
+    p.add_argument("--table", action="store_true", help="print the markdown table of the last results and exit")
     p.add_argument("--max-seconds", type=float, default=600, help="cap on each run's training loop")
     p.add_argument("--budget-seconds", type=float, default=0,
                    help="with mnv3_bn_biases: also the largest batch each side fits under 256 MiB of rise and its "
                         "accuracy within this many seconds (0: skip)")
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.loads((ROOT / "benchmarks" / "results" / "ort_training.json").read_text())))
+        return
     if not Path(args.ort_python).exists():
         raise SystemExit(f"{args.ort_python} not found: run `make bench-ort` (it builds .venv-ort)")
     work = Path(args.out).resolve()
@@ -257,6 +285,7 @@ def main():
                                                  args.budget_seconds)
     results["seconds"] = time.perf_counter() - start
     write_json("ort_training", results)
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from .files import load_params
 from .probes import CoordinateProbe, perturbed
 
 ENGINES = ("auto", "batched", "naive")
-# --engine auto keeps the engine only if its 2nd probe takes < 0.8x naive's time (raced where it takes >= 0.1 s)
-RACE_CALL, RACE_MARGIN, RACE_MIN_SECONDS = 2, 0.8, 0.1
+# --engine auto in a training run keeps the engine only if its probes 2-5 take < 0.8x naive's time on average
+# (raced where they take >= 0.1 s; one probe alone misled: a new layer's sessions made and run for the first time)
+RACE_CALLS, RACE_MARGIN, RACE_MIN_SECONDS = (2, 5), 0.8, 0.1
 BACKENDS = {}  # name -> callable(path, device, threads) returning an Artifact; runtime/ imports none of them
 NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32,
              "float16": np.float16}
@@ -169,23 +170,26 @@ class Artifact:
         engine = self.fast_engine() if isinstance(probe, CoordinateProbe) else None
         if engine is not None:  # every coordinate: by delta propagation, stacked or generic (engine_paths)
             self.engine_calls += 1
-            if self.engine_calls == RACE_CALL and self.engine_name == "auto" and self.race:
+            if RACE_CALLS[0] <= self.engine_calls <= RACE_CALLS[1] and self.engine_name == "auto" and self.race:
                 return self._race(engine, params, probe, feed)
             return engine.losses(params, probe, feed, feed)
         self.naive_rows += len(probe)
         return self.naive_losses(params, probe, feed)
 
     naive_rows = 0  # probe rows evaluated by the naive path
-    engine_calls = 0
+    engine_calls, engine_seconds = 0, 0.0
     race = False  # training runs (run.prepare, the profiler) set it: the engine must beat naive to stay
 
     def _race(self, engine, params, probe, feed):
-        """The engine against the naive path on one probe (its sessions warm from the call before): where the
+        """The engine's probes 2-5 against the naive path on the 5th: where the
         engine is not clearly faster (deep coordinates whose suffixes cost nearly a forward each, or a tight
         --engine-memory-mb), training goes on naive, with less memory, and the run's note says so."""
         start = time.perf_counter()
         losses = engine.losses(params, probe, feed, feed)
-        fast = time.perf_counter() - start
+        self.engine_seconds += time.perf_counter() - start
+        if self.engine_calls < RACE_CALLS[1]:
+            return losses
+        fast = self.engine_seconds / (RACE_CALLS[1] - RACE_CALLS[0] + 1)  # making a layer's sessions included
         if fast < RACE_MIN_SECONDS:  # a fast step either way: not worth a naive evaluation
             return losses
         start = time.perf_counter()
