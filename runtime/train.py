@@ -169,7 +169,7 @@ def fit(artifact, optimizer, train_data, batch_size, epochs, seed=0, val_data=No
 
     def validate():
         start = time.perf_counter()
-        val = evaluate(artifact, optimizer.params, val_data, batch_size)  # no larger than a training batch
+        val = evaluate(artifact, optimizer.params, val_data, max(batch_size, 256))  # not 1,024 rows a call
         clock["evaluating"] += time.perf_counter() - start
         return val
 
