@@ -109,9 +109,9 @@ def build(case, out):
 
 
 def torch_train(job):
-    """ort_worker.train's loop with torch backprop: same data, order, evaluations, output."""
+    """ort_worker.train with torch backprop: the same timed_loop, data, order, evaluations and output."""
     import torch
-    from ort_worker import peak_rss_mb, rss_mb
+    from ort_worker import peak_rss_mb, rss_mb, timed_loop
     baseline = rss_mb()
     torch.set_num_threads(job.get("threads", 2))
     arrays = {k: np.load(v, mmap_mode="r" if k == "order" else None) for k, v in job["data"].items()}
@@ -139,21 +139,12 @@ def torch_train(job):
             loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(ty)))
         return {"loss": loss, "accuracy": float(np.mean(logits.argmax(1).numpy() == ty))}
 
-    evals, order, every = [], arrays["order"], job["eval_every"]
-    start, evaluating = time.perf_counter(), 0.0
-    for step in range(len(order) + 1):
-        if step % every == 0 or step == len(order):
-            t = time.perf_counter()
-            evals.append({"step": step, "seconds": t - start - evaluating, **evaluate()})
-            evaluating += time.perf_counter() - t
-            if t - start - evaluating > job["max_seconds"]:
-                break
-        if step == len(order):
-            break
-        rows = torch.from_numpy(np.array(order[step]))
+    def step(rows):
+        rows = torch.from_numpy(rows)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
         opt.step()
+    evals = timed_loop(arrays["order"], step, evaluate, job["eval_every"], job["max_seconds"])
     return {"evals": evals, "peak_rss_mb": peak_rss_mb(), "rss_baseline_mb": baseline,
             "rss_rise_mb": peak_rss_mb() - baseline, "torch_imported": True}
 

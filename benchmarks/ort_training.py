@@ -162,7 +162,7 @@ def run_case(name, python, work, max_seconds):
         print(f"[{name}] building (pretraining with torch, export)...", flush=True)
         subprocess.run([sys.executable, HERE / "ort_cases.py", "build", name, case_dir], check=True)
     backprop_epochs, zo_epochs = EPOCHS[name]
-    np.save(case_dir / "order.npy", batch_order(rows, batch, max(backprop_epochs, zo_epochs)))
+    np.save(case_dir / "order.npy", batch_order(rows, batch, backprop_epochs))  # forward-only: edgezo's own order
     result = {"architecture": arch, "train_rows": rows, "batch": batch, "epochs": {"backprop": backprop_epochs,
               "forward_only": zo_epochs}, "max_seconds": max_seconds, "errors": {}}
     result["artifacts"] = {o: ort(python, "artifacts", ort_job(case_dir, o), case_dir, f"artifacts_{o}")
@@ -178,19 +178,15 @@ def run_case(name, python, work, max_seconds):
         print(f"[{name}] ONNX Runtime training cannot build this case: {result['errors']['ORT']}", flush=True)
     sides = ["ORT AdamW", "ORT SGD"] if ort_ok else ["torch AdamW (backprop reference)", "torch SGD (backprop reference)"]
     every = rows // batch
-    np.save(case_dir / "order.npy", batch_order(rows, batch, backprop_epochs))  # backprop: its epochs
+    runs = {side: (lambda lr, side=side: backprop_run(python, case_dir, side, lr, max_seconds, every),
+                   GRIDS["ORT AdamW" if "AdamW" in side else "ORT SGD"]) for side in sides}
+    runs.update({side: (lambda lr, side=side: edgezo_run(case_dir, side, lr, zo_epochs, batch, max_seconds),
+                        GRIDS[side]) for side in ZO_FLAGS})
     rows_out = {}
-    for side in sides:
-        grid = {lr: backprop_run(python, case_dir, side, lr, max_seconds, every)
-                for lr in GRIDS["ORT AdamW" if "AdamW" in side else "ORT SGD"]}
-        rows_out[side] = best_of(grid)
-        print(f"[{name}] {side}: {100 * rows_out[side]['best_accuracy']:.1f}% (lr {rows_out[side]['lr']}), "
-              f"peak {rows_out[side]['peak_rss_mb']:.0f} MiB, rise {rows_out[side]['rss_rise_mb']:.0f}", flush=True)
-    for side in ZO_FLAGS:
-        grid = {lr: edgezo_run(case_dir, side, lr, zo_epochs, batch, max_seconds) for lr in GRIDS[side]}
-        rows_out[side] = best_of(grid)
-        print(f"[{name}] {side}: {100 * rows_out[side]['best_accuracy']:.1f}% (lr {rows_out[side]['lr']}), "
-              f"peak {rows_out[side]['peak_rss_mb']:.0f} MiB, rise {rows_out[side]['rss_rise_mb']:.0f}", flush=True)
+    for side, (run, grid) in runs.items():
+        row = rows_out[side] = best_of({lr: run(lr) for lr in grid})
+        print(f"[{name}] {side}: {100 * row['best_accuracy']:.1f}% (lr {row['lr']}), peak {row['peak_rss_mb']:.0f} "
+              f"MiB, rise {row['rss_rise_mb']:.0f}", flush=True)
     result["rows"] = rows_out
     result["ratios"] = ratios(rows_out, sides[0])
     print(f"[{name}] {json.dumps(result['ratios'])}", flush=True)

@@ -83,6 +83,22 @@ def evaluate(module, x, y, batch, classify):
     return {"loss": total / len(x), **({"accuracy": correct / len(x)} if classify else {})}
 
 
+def timed_loop(order, step, evaluate, every, max_seconds):
+    """step(rows) per row of `order`; evaluate() at step 0, every `every` steps and at the end, each record with
+    the loop's seconds so far (evaluations excluded). Stops past max_seconds or at a non-finite loss."""
+    evals, start, evaluating = [], time.perf_counter(), 0.0
+    for i in range(len(order) + 1):
+        if i % every == 0 or i == len(order):
+            t = time.perf_counter()
+            evals.append({"step": i, "seconds": t - start - evaluating, **evaluate()})
+            evaluating += time.perf_counter() - t
+            if not np.isfinite(evals[-1]["loss"]) or t - start - evaluating > max_seconds:
+                break
+        if i < len(order):
+            step(np.array(order[i]))
+    return evals
+
+
 def check(job):
     state, module, _ = load(job)
     d = data(job)
@@ -99,23 +115,14 @@ def train(job):
     _, module, optimizer = load(job, job.get("threads", 2))
     optimizer.set_learning_rate(job["lr"])
     classify = job["loss"] == "cross_entropy"
-    evals, steps, every = [], len(d["order"]), job["eval_every"]
     module.train()
-    start, evaluating = time.perf_counter(), 0.0
-    for step in range(steps + 1):
-        if step % every == 0 or step == steps:
-            t = time.perf_counter()
-            evals.append({"step": step, "seconds": t - start - evaluating,
-                          **evaluate(module, d["test_x"], d["test_y"], job["eval_batch"], classify)})
-            evaluating += time.perf_counter() - t
-            if not np.isfinite(evals[-1]["loss"]) or t - start - evaluating > job["max_seconds"]:
-                break
-        if step == steps:
-            break
-        rows = d["order"][step]
+
+    def step(rows):
         module(d["x"][rows], d["y"][rows])
         optimizer.step()
         module.lazy_reset_grad()
+    evals = timed_loop(d["order"], step, lambda: evaluate(module, d["test_x"], d["test_y"], job["eval_batch"], classify),
+                       job["eval_every"], job["max_seconds"])
     return {"evals": evals, "peak_rss_mb": peak_rss_mb(), "rss_baseline_mb": baseline,
             "rss_rise_mb": peak_rss_mb() - baseline, "torch_imported": "torch" in sys.modules}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .memory import return_freed_memory, rss_mb
+from .memory import return_freed_memory
 from .sessions import active_device, make_session
 from . import manifest as manifest_mod
 from .errors import EdgezoError, check
@@ -52,7 +52,6 @@ class Artifact:
         if self._engine is not None or self.engine_name == "naive" or self._no_engine:
             return self._engine
         from .engine import GraphEngine, Unsupported
-        before = rss_mb() or 0.0
         try:
             self._engine = GraphEngine.build(self.file("loss"), self.manifest, propagate=self.engine_name == "auto",
                                              memory_mb=self.engine_memory_mb, threads=self.threads,
@@ -65,8 +64,6 @@ class Artifact:
             self.engine_note = f"fast engine not used ({why}); evaluating one perturbation per call"
             self._no_engine = True
             return None
-        built = (rss_mb() or 0.0) - before  # its sessions and buffers: the rest of the cap is for steps
-        self._engine.limit_memory(max(self.engine_memory_mb - built, 1.0))
         if self.device != "cpu":  # kernels as ONNX graphs, activations and copies on the device
             from .engine import DeviceEngine
             self._engine = DeviceEngine(self._engine, self.device)

@@ -1,8 +1,8 @@
 """A fleet training one model forward-only: every device evaluates the same probe on its own data, the server
 takes the sample-weighted mean of the devices' loss vectors, and every device tells its optimizer that same mean,
 so all devices keep identical params. Only step numbers, loss vectors and sample counts travel: 2B floats up and
-down per step, whatever the model's size. No torch and no Flower here (edgezo/fleet.py runs this on Flower's
-Message API); the server keeps the log of means, from which a device that missed steps catches up exactly.
+down per step, whatever the model's size. No torch and no Flower here (the transport, Flower's Message API, is
+not built yet); the server keeps the log of means, from which a device that missed steps catches up exactly.
 """
 import numpy as np
 
@@ -20,7 +20,7 @@ class Device:
         self.rows = data_mod.num_rows(data)
         data_mod.check_batch_size(batch_size, self.rows)
         self.per_epoch = data_mod.batches_per_epoch(self.rows, batch_size)
-        self._asked = None  # the step whose probe is pending
+        self._asked = None  # (step, probe) asked and not yet told
 
     @property
     def step(self):
@@ -33,10 +33,9 @@ class Device:
 
     def _probe(self, step):
         check(step == self.step, f"the fleet is at step {step}, this device at {self.step}: catch up first")
-        if self._asked != step:
-            self._probe_rows = len(self.optimizer.ask())
-            self._asked = step
-        return self.optimizer._pending
+        if self._asked is None or self._asked[0] != step:
+            self._asked = (step, self.optimizer.ask())
+        return self._asked[1]
 
     def evaluate(self, step):
         """(this step's loss vector on a local batch, the batch's row count)."""

@@ -66,8 +66,11 @@ class BuildBudget:
     def __init__(self, memory_mb):
         self.memory_mb, self.start = memory_mb, rss_mb() or 0.0
 
+    def grown(self):
+        return (rss_mb() or 0.0) - self.start
+
     def check(self):
-        grown = (rss_mb() or 0.0) - self.start
+        grown = self.grown()
         if grown > self.memory_mb:
             raise Unsupported(f"building it took over {grown:.0f} MiB, --engine-memory-mb is {self.memory_mb:g}")
 
@@ -132,4 +135,5 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     engine.check_stacking(a0, budget.check)
     engine.check_loss(subgraphs, probe[output] + rng.standard_normal(probe[output].shape).astype(np.float32), rng)
     subgraphs.sessions.clear()  # the build's sessions (each holds the frozen weights) are not the steps'
+    engine.limit_memory(max(memory_mb - budget.grown(), 1.0))  # what the build holds: the rest is for steps
     return engine
