@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[export,executorch,tune,dev]"
+	$(PY) -m pip install -q -e ".[export,executorch,tune,fleet,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -185,6 +185,8 @@ def build_parser():
 
     from .tune import add_parser as add_tune  # Ray is imported only when `edgezo tune` runs
     add_tune(sub)
+    from .fleet_cli import add_parser as add_fleet  # Flower is imported only when `edgezo fleet` runs
+    add_fleet(sub)
 
     p = sub.add_parser("train-torch", help="first-order reference: torch SGD/momentum/Adam on reference.pt2")
     p.add_argument("artifact")

@@ -4,6 +4,7 @@ The file is written to a temporary name, fsynced and renamed, so a checkpoint on
 whole one (the previous one until the rename). Non-array values travel as one JSON string.
 """
 import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -24,15 +25,32 @@ def fingerprint(artifact_path):
     return h.hexdigest()
 
 
-def save(run_dir, params, optimizer_state, info):
+def to_bytes(params, optimizer_state, info):
+    """params, optimizer state and info as one .npz (no pickle): a checkpoint's content."""
     inner = dict(optimizer_state["state"])
     arrays = {"params": params, **{f"opt.{k}": inner.pop(k) for k in list(inner) if isinstance(inner[k], np.ndarray)}}
-    meta = json.dumps({"optimizer": dict(optimizer_state, state=inner), **info})
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array(json.dumps({"optimizer": dict(optimizer_state, state=inner), **info})), **arrays)
+    return buffer.getvalue()
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(meta), **arrays)
-    return atomic_write(Path(run_dir) / NAME, write)
+
+def from_bytes(blob, label):
+    """(params, optimizer_state, info) of to_bytes' output; EdgezoError naming `label` if it is damaged."""
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            params = z["params"].copy()
+            state = dict(meta.pop("optimizer"))  # checkpoints before settings were kept apart: one flat dict
+            (state["state"] if "state" in state else state).update(
+                {k[4:]: z[k].copy() for k in z.files if k.startswith("opt.")})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise EdgezoError(f"{label}: damaged checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
+    return params, state, meta
+
+
+def save(run_dir, params, optimizer_state, info):
+    blob = to_bytes(params, optimizer_state, info)
+    return atomic_write(Path(run_dir) / NAME, lambda tmp: Path(tmp).write_bytes(blob))
 
 
 def load(run_dir):
@@ -40,13 +58,4 @@ def load(run_dir):
     path = Path(run_dir) / NAME
     if not path.is_file():
         raise EdgezoError(f"--resume {run_dir}: no {NAME} in it (no checkpoint was written yet)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            params = z["params"].copy()
-            state = dict(meta.pop("optimizer"))  # checkpoints before settings were kept apart: one flat dict
-            (state["state"] if "state" in state else state).update(
-                {k[4:]: z[k].copy() for k in z.files if k.startswith("opt.")})
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise EdgezoError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
-    return params, state, meta
+    return from_bytes(path.read_bytes(), path)

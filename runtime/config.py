@@ -149,3 +149,34 @@ def add_flags(parser, config_class=RunConfig, skip=()):
 def from_namespace(args, config_class=RunConfig):
     """The config of parsed CLI arguments (the fields only)."""
     return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)})
+
+
+FLEET_PARTITIONS = ("iid", "classes")
+FLEET_SKIP = ("val_fraction", "epochs", "max_seconds", "backend", "on_divergence", "divergence_factor", "lean_memory")
+
+
+@dataclass
+class FleetConfig(RunConfig):
+    """`edgezo fleet`: a run's settings (the optimizer's, the batch per device, the steps) and the fleet's own. The
+    fields in FLEET_SKIP do not apply to a fleet and get no flag. In a deployment each device's artifact and data
+    are its own (its SuperNode's --node-config artifact=... data=...)."""
+    clients: int = _flag("simulate: how many devices Flower's simulation runs (deployment: how many SuperNodes to "
+                         "wait for before the first step)", default=3)
+    partition: str = _flag("simulate: how --data is split over the devices: iid (shuffled, equal shares) or classes "
+                           "(sorted by label, each device holds its own classes)", default="iid",
+                           choices=FLEET_PARTITIONS)
+    min_devices: int = _flag("a step needs usable answers from at least this many devices (else the fleet stops, "
+                             "its log unchanged)", default=1)
+    round_timeout: float = _flag("seconds a step waits for the devices' answers; a later one is left out", default=60.0)
+    resume: bool = _flag("continue the run folder --out from its log (devices catch up from it)", flag=True)
+
+    def check(self):
+        super().check()
+        check(self.steps is not None, "edgezo fleet needs --steps")
+        check(self.clients >= 1, f"--clients must be >= 1, got {self.clients}")
+        check(1 <= self.min_devices <= self.clients, f"--min-devices must be in [1, --clients={self.clients}], got "
+              f"{self.min_devices}")
+        check(self.round_timeout > 0, f"--round-timeout must be > 0 seconds, got {self.round_timeout}")
+        check(self.partition in FLEET_PARTITIONS, f"--partition must be one of {list(FLEET_PARTITIONS)}, got "
+              f"{self.partition!r}")
+        return self

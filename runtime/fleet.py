@@ -1,8 +1,9 @@
 """A fleet training one model forward-only: every device evaluates the same probe on its own data, the server
 takes the sample-weighted mean of the devices' loss vectors, and every device tells its optimizer that same mean,
 so all devices keep identical params. Only step numbers, loss vectors and sample counts travel: 2B floats up and
-down per step, whatever the model's size. No torch and no Flower here (the transport, Flower's Message API, is
-not built yet); the server keeps the log of means, from which a device that missed steps catches up exactly.
+down per step, whatever the model's size. No torch and no Flower here (fleet_flower.py carries these over
+Flower's Message API); the server keeps the log of means, from which a device that missed steps catches up exactly.
+Means travel as float32 (the losses' own precision): the log holds exactly what the devices were told.
 """
 import numpy as np
 
@@ -20,7 +21,7 @@ class Device:
         self.rows = data_mod.num_rows(data)
         data_mod.check_batch_size(batch_size, self.rows)
         self.per_epoch = data_mod.batches_per_epoch(self.rows, batch_size)
-        self._asked = None  # (step, probe) asked and not yet told
+        self._asked = None  # (step, probe, state before the ask) asked and not yet told
 
     @property
     def step(self):
@@ -34,8 +35,13 @@ class Device:
     def _probe(self, step):
         check(step == self.step, f"the fleet is at step {step}, this device at {self.step}: catch up first")
         if self._asked is None or self._asked[0] != step:
-            self._asked = (step, self.optimizer.ask())
+            before = self.optimizer.state_dict()  # a directional optimizer's ask() draws its seeds
+            self._asked = (step, self.optimizer.ask(), before)
         return self._asked[1]
+
+    def state_dict(self):
+        """The optimizer's state as of before a pending ask: restored, it asks the same probe again."""
+        return self.optimizer.state_dict() if self._asked is None else self._asked[2]
 
     def evaluate(self, step):
         """(this step's loss vector on a local batch, the batch's row count)."""
@@ -92,6 +98,6 @@ class Aggregator:
                               f"--min-devices is {self.min_devices} ({left_out})")
         counts = np.array([a[1] for a in valid.values()], np.float64)
         stacked = np.stack([np.asarray(a[0], np.float64) for a in valid.values()])
-        mean = counts @ stacked / counts.sum()
+        mean = (counts @ stacked / counts.sum()).astype(np.float32).astype(np.float64)
         self.log.append(mean)
         return mean, left_out

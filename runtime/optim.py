@@ -302,8 +302,15 @@ class _Directional(AskTell):
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def _make_probe(self):
+        self._rng_before = self.rng.bit_generator.state
         seeds = self.rng.integers(0, 2 ** 63 - 1, self.settings.directions, dtype=np.int64)
         return direction_probe(seeds, self.settings.mu, self.distribution, self.central)
+
+    def discard(self):
+        """As if the pending probe was never asked: its seeds are drawn again by the next ask()."""
+        if self._pending is not None:
+            self.rng.bit_generator.state = self._rng_before
+        super().discard()
 
     def _update(self, probe, losses):
         """params -= lr * sum_k c_k z(seed_k) / q, each z regenerated from its seed (nothing n-sized kept)."""

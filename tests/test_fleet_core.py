@@ -83,3 +83,17 @@ def test_bad_answers_are_left_out_with_a_reason_and_change_nothing():
     with pytest.raises(EdgezoError, match="min-devices is 2"):
         agg.aggregate({"a": good, "c": (np.ones(5), 8)})
     assert agg.step == 1  # the failed round left the log as it was
+
+
+def test_a_device_restored_mid_step_asks_the_same_probe(mlp_artifact, sarcos_npz):
+    """A device's state is saved with a probe pending (Flower ends its process after each message): restored, it
+    asks the same probe, also for MeZO, whose ask() draws the step's seeds."""
+    art = load_artifact(mlp_artifact, "cpu", threads=1)
+    device = fleet(art, load_data(sarcos_npz, art.manifest), "mezo")[0]
+    losses, _ = device.evaluate(0)
+    device.apply(0, losses)
+    device.evaluate(1)
+    restored = Device(art, optimizer("mezo", art.initial_params()), device.data, BATCH)
+    restored.optimizer.params[:] = device.optimizer.params
+    restored.optimizer.load_state_dict(device.state_dict())
+    np.testing.assert_array_equal(restored.evaluate(1)[0], device.evaluate(1)[0])

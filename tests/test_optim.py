@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from edgezo.runtime.errors import EdgezoError
+from edgezo.runtime import optim
 from edgezo.runtime.optim import BCCD, CoCD, perturbed
 
 
@@ -118,3 +119,13 @@ def test_old_flat_state_dicts_load():
     b = CoCD(a.params.copy(), lr=1.0, eps=1.0, budget=7, memory=9)
     b.load_state_dict(flat)
     assert b.settings == a.settings and b.refreshed == a.refreshed and np.array_equal(b.buffer, a.buffer)
+
+
+@pytest.mark.parametrize("kind", [optim.SPSA, optim.ZOSGD, optim.MeZOSGD])
+def test_discard_forgets_the_probe_and_its_seeds(kind):
+    """discard() is as if ask() was never called: the next ask() draws the same seeds (a fleet's server counts a
+    probe's rows this way; a device saved with a pending probe restores to the same one)."""
+    opt = kind(np.zeros(5, np.float32), lr=0.1, mu=0.01, directions=3, seed=7)
+    first = opt.ask()
+    opt.discard()
+    np.testing.assert_array_equal(opt.ask().seeds, first.seeds)
