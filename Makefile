@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/edgezo demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2  # two workers: most tests wait on subprocesses, Ray or Flower polls
 
 clean:
 	rm -rf $(VENV) runs

@@ -93,14 +93,15 @@ def wait_for_port(port, proc, seconds=30):
 @pytest.mark.skipif(shutil.which("flower-superlink", path=os.path.dirname(sys.executable)) is None,
                     reason="flower-superlink is not installed beside this Python")
 def test_deployment_tls_registered_keys_torch_blocked(mlp_artifact, sarcos_npz, tmp_path):
-    """flower-superlink with TLS and --enable-supernode-auth; three registered SuperNodes (torch blocked in their
-    ClientApp processes) train with MeZO; a fourth, with valid TLS but an unregistered key, is refused."""
+    """flower-superlink with TLS and --enable-supernode-auth; three registered SuperNodes (torch and Ray blocked in
+    their ClientApp processes) train with MeZO; a fourth, with valid TLS but an unregistered key, is refused."""
     bin_ = os.path.dirname(sys.executable)
     assert run_cli("fleet", "keys", tmp_path / "keys", "--devices", "4", check=True).returncode == 0
     keys, port = tmp_path / "keys", free_port()
     blocker = tmp_path / "block"
     blocker.mkdir()
-    (blocker / "torch.py").write_text("raise ImportError('torch is blocked on this device')\n")
+    for name in ("torch", "ray"):  # a device needs neither (edgezo[device,fleet-device])
+        (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is blocked on this device')\n")
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"), PATH=bin_ + os.pathsep + os.environ["PATH"])
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "config.toml").write_text(f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = '

@@ -21,7 +21,7 @@ def train_cmd(*args):
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(mlp_artifact, sarcos_npz, tmp_path):
     # naive evaluation and many epochs: 20 random kills must all land before the run could finish
-    common = [mlp_artifact, "--data", sarcos_npz, "--epochs", "600", *SMALL, "--checkpoint-every", "25",
+    common = [mlp_artifact, "--data", sarcos_npz, "--epochs", "200", *SMALL, "--checkpoint-every", "25",
               "--engine", "naive"]
     run_cli("train", *common, "--out", tmp_path / "reference", check=True)
     reference = np.load(tmp_path / "reference" / "params.npy")
