@@ -237,8 +237,8 @@ def serve(grid, config, log=print):
     wire, known, left_out, evals = Wire(grid, out / "messages.jsonl"), {}, [], []
     if aggregator.step:
         log(f"resuming at step {aggregator.step} (devices catch up from the log)")
-    start = time.perf_counter()
-    for step in range(aggregator.step, config.steps):
+    start, begin, first = time.perf_counter(), aggregator.step, None
+    for step in range(begin, config.steps):
         nodes = wait_for_nodes(grid, config.clients, config.min_devices, config.round_timeout, log)
         asks = {n: ask(step, aggregator.log, known.get(n, 0)) for n in nodes}
         replies = wire.exchange(step, asks, config.round_timeout)
@@ -248,6 +248,8 @@ def serve(grid, config, log=print):
             got = reply.content[KEY] if reply.has_content() else {}
             known[n] = int(got["behind"]) if "behind" in got else step if "losses" in got else known.get(n, 0)
         mean, out_now = aggregator.aggregate(answers)
+        if step == begin:  # the first step builds the devices (sessions, engines, data)
+            first = time.perf_counter() - start
         server_log.append(mean, sync=(step + 1) % (config.checkpoint_every or 1) == 0)
         replica.ask()
         replica.tell(mean)
@@ -256,30 +258,40 @@ def serve(grid, config, log=print):
             log(f"step {step}: device {n} left out: {why}")
         if val is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
             evals.append({"step": step + 1, "seconds": time.perf_counter() - start,
-                          **evaluate(artifact, replica.params, val)})
+                          **{f"val_{k}": v for k, v in evaluate(artifact, replica.params, val).items()}})
             log(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in evals[-1].items() if k != "step"))
         elif (step + 1) % max(1, config.steps // 10) == 0:
             log(f"step {step + 1}/{config.steps}: mean probe loss {mean.mean():.4g}, "
                 f"{len(answers) - len(out_now)}/{len(answers)} devices")
     seconds = time.perf_counter() - start
-    nodes = sorted(grid.get_node_ids())
-    replies = wire.exchange(config.steps, {n: ask(config.steps, aggregator.log, known.get(n, 0), final=True)
-                                           for n in nodes}, config.round_timeout)
-    mine = params_hash(replica.params)
-    hashes = {n: r.content[KEY].get("params_sha256") for n, r in replies.items() if r.has_content()}
-    check(all(h == mine for h in hashes.values()), f"devices' params differ from the server's replica: {hashes} vs "
-          f"{mine}")
-    log(f"{len(hashes)} of {len(nodes)} devices hold params identical to the server's replica ({mine})")
+    steady = (seconds - first) / (config.steps - begin - 1) if config.steps - begin > 1 else None
+    nodes, identical, mine = confirm_identical(wire, grid, config, aggregator.log, known, replica.params, log)
     metrics = {"optimizer": config.optimizer, "settings": optimizer_settings(replica), "steps": replica.steps,
-               "seconds": seconds, "devices": len(nodes), "devices_identical": len(hashes),
+               "seconds": seconds, "first_step_seconds": first, "seconds_per_step_after_first": steady,
+               "devices": len(nodes), "devices_identical": identical,
                "params_sha256": mine, "left_out": left_out,
                "bytes": dict(wire.bytes, per_step_per_device={
                    way: b / max(1, config.steps * len(nodes)) for way, b in wire.bytes.items()}),
                "fleet": {k: getattr(config, k) for k in ("clients", "partition", "min_devices", "round_timeout")}}
     if val is not None:
-        metrics["evals"] = evals or [{"step": replica.steps, **evaluate(artifact, replica.params, val)}]
+        metrics["evals"] = evals or [{"step": replica.steps, **{f"val_{k}": v for k, v in evaluate(
+            artifact, replica.params, val).items()}}]
     return write_run(out, config.artifact, config.batch_size, 0, config.seed, artifact.file("inference"),
                      artifact.manifest, replica.params, metrics, log)
+
+
+def confirm_identical(wire, grid, config, log_of_means, known, params, log):
+    """The final message: every device applies the means it lacks and answers its params' hash, which must be
+    the server replica's. Returns (nodes, how many answered the same hash, that hash)."""
+    nodes = sorted(grid.get_node_ids())
+    replies = wire.exchange(config.steps, {n: ask(config.steps, log_of_means, known.get(n, 0), final=True)
+                                           for n in nodes}, config.round_timeout)
+    mine = params_hash(params)
+    hashes = {n: r.content[KEY].get("params_sha256") for n, r in replies.items() if r.has_content()}
+    check(all(h == mine for h in hashes.values()), f"devices' params differ from the server's replica: {hashes} vs "
+          f"{mine}")
+    log(f"{len(hashes)} of {len(nodes)} devices hold params identical to the server's replica ({mine})")
+    return nodes, len(hashes), mine
 
 
 def ask(step, log, first, final=False):

@@ -153,3 +153,14 @@ def test_deployment_tls_registered_keys_torch_blocked(mlp_artifact, sarcos_npz, 
     expected = core_fleet(config, [load_data(tmp_path / f"dev{k}.npz", art.manifest) for k in range(3)], range(3))
     np.testing.assert_allclose(np.load(run / "params.npy"), expected, rtol=0, atol=1e-6)
     check_messages(run, 3, 8)
+
+
+def test_bad_fleet_settings_are_one_line_errors(mlp_artifact, sarcos_npz, tmp_path):
+    for args, says in ((["--steps", "2", "--clients", "2", "--min-devices", "3"], "--min-devices must be in [1"),
+                       (["--clients", "2"], "needs --steps"),
+                       (["--steps", "2", "--mu", "0.1"], "--mu does not apply to --optimizer cocd")):
+        proc = run_cli("fleet", "simulate", mlp_artifact, "--data", sarcos_npz, *args, "--out", tmp_path / "r")
+        assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, args
+        assert not (tmp_path / "r").exists()
+    proc = run_cli("fleet", "simulate", "--resume", "--out", tmp_path / "none")
+    assert proc.returncode == 2 and "--resume needs --out RUN" in proc.stderr
