@@ -165,16 +165,23 @@ class Artifact:
         """One loss per probe row, in row order, by the fastest exact path (see runtime/engine.py)."""
         self._check_params(params)
         feed = self.feeds(inputs, targets)
-        engine = self.fast_engine() if isinstance(probe, CoordinateProbe) else None
-        if engine is not None:  # every coordinate: by delta propagation, stacked or generic (engine_paths)
+        engine = self.fast_engine()
+        if engine is not None and isinstance(probe, CoordinateProbe):  # delta propagation, stacked or generic
             self.engine_calls += 1
             if RACE_CALLS[0] <= self.engine_calls <= RACE_CALLS[1] and self.engine_name == "auto" and self.race:
                 return self._race(engine, params, probe, feed)
             return engine.losses(params, probe, feed, feed)
+        if engine is not None and self._prefix_for_directions:
+            from .engine import Unsupported
+            try:  # a direction probe: the frozen part once, the rest once per direction
+                return engine.losses(params, probe, feed, feed)
+            except Unsupported:
+                self._prefix_for_directions = False
         self.naive_rows += len(probe)
         return self.naive_losses(params, probe, feed)
 
     naive_rows = 0  # probe rows evaluated by the naive path
+    _prefix_for_directions = True
     engine_calls, engine_seconds = 0, 0.0
     race = False  # training runs (run.prepare, the profiler) set it: the engine must beat naive to stay
 

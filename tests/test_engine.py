@@ -188,3 +188,15 @@ def test_ops_without_engine_code_downstream_take_the_stacked_path(tmp_path):
     fast, naive = artifact.losses(artifact.initial_params(), probe, x, y), \
         artifact.naive_losses(artifact.initial_params(), probe, feed)
     check_step(fast, naive, 1e-2, n)
+
+
+def test_direction_probes_go_naive_where_the_first_op_trains(mlp_artifact):
+    """Every layer of the MLP trains: nothing frozen to share, so direction probes take the naive path (unchanged
+    trajectories), and say so in paths_taken."""
+    from edgezo.runtime.optim import MeZOSGD
+    art = load_artifact(mlp_artifact, "cpu")
+    x = np.random.default_rng(0).standard_normal((8, 21)).astype(np.float32)
+    y = np.zeros((8, 7), np.float32)
+    probe = MeZOSGD(art.initial_params(), lr=0.01, mu=0.01, directions=2).ask()
+    art.losses(art.initial_params(), probe, {"x": x}, {"y": y})
+    assert art.paths_taken() == {"naive": 4}

@@ -153,6 +153,22 @@ def test_faster_paths_equal_naive_within_float32_rounding(qdq, data, tmp_path):
         assert_fast_equals_naive(fast, naive, fast.feeds(x[:32], y[:32]), budget=24, steps=2, rtol=1e-5)
 
 
+def test_direction_probes_run_the_frozen_part_once_and_equal_naive(qdq, data, tmp_path):
+    """MeZO, SPSA and ZO-SGD move every weight in every row: the frozen backbone runs once, the head (its int8
+    weights quantized from the float master in the loss graph) once per row; equal to naive within 1e-5."""
+    from edgezo.runtime.optim import MeZOSGD, SPSA, ZOSGD
+    _, x, y = data
+    art = export_onnx(qdq, tmp_path / "head", "cross_entropy", last_layers=1, log=lambda line: None)
+    fast, naive = load_artifact(art, "cpu"), load_artifact(art, "cpu", engine="naive")
+    feed = fast.feeds(x[:32], y[:32])
+    for kind in (MeZOSGD, SPSA, ZOSGD):
+        probe = kind(fast.initial_params(), lr=0.01, mu=0.01, directions=4, seed=1).ask()
+        a, b = fast.losses(fast.initial_params(), probe, feed, feed), naive.losses(naive.initial_params(), probe,
+                                                                                  feed, feed)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=0)
+    assert set(fast.paths_taken()) == {"prefix"} and set(naive.paths_taken()) == {"naive"}
+
+
 def test_unrepresentable_values_are_one_line_errors(qdq, tmp_path):
     art = export_onnx(qdq, tmp_path / "art", "cross_entropy", scales=True, biases=True, log=lambda line: None)
     manifest = load_artifact(art, "cpu").manifest
@@ -205,6 +221,10 @@ def test_dynamic_quantization_trains_writes_back_and_never_stacks_past_its_quant
     assert np.allclose(a, b, rtol=1e-5, atol=0), np.max(np.abs(a - b) / np.abs(b))
     assert "past DynamicQuantizeLinear: one scale from the whole batch" in fast.engine_note
     assert "stacked" not in fast.paths_taken()
+    from edgezo.runtime.optim import MeZOSGD  # direction probes are never stacked: each row a call of its own
+    probe = MeZOSGD(params.copy(), lr=0.01, mu=0.01, directions=4).ask()
+    np.testing.assert_allclose(fast.losses(params, probe, feed, feed), naive.losses(params, probe, feed, feed),
+                               rtol=1e-5, atol=0)
 
 
 def test_a_fresh_int8_head_is_int8_from_the_start(qdq, tmp_path):

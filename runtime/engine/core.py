@@ -28,7 +28,8 @@ import numpy as np
 
 from ..loss import per_sample_losses, scores_name
 from ..sessions import make_session
-from .graph import Recent, cut, cut_session, downstream, subgraph_inputs
+from ..probes import perturbed
+from .graph import Recent, Unsupported, cut, cut_session, downstream, frozen_frontier, subgraph_inputs
 from .ops import Mode, splice, take_block
 from .step import Path, Route, StepEngine
 
@@ -275,6 +276,21 @@ class GraphEngine(StepEngine):
                 moved[i] = x[i]
             return np.stack(out)
         return dense
+
+    def direction_losses(self, params, probe, a0, y):
+        """A direction probe (SPSA, MeZO, ZO-SGD: every weight moves in every row): the frozen part of the graph
+        once, the part the params reach once per row from its frontier (exact: the same ops on the same values)."""
+        starts = frozen_frontier(self.cuts.model.graph.node, self.manifest["params_input"], self.input_name)
+        if starts in ((), (self.input_name,)):
+            raise Unsupported("direction probes: the first op reads the params (no frozen part to share)")
+        session, extra = self.suffix(starts)
+        x = np.ascontiguousarray(params, np.float32)
+        feed = self.cuts.run(sorted(set(starts) | set(extra)), x, np.ascontiguousarray(a0, np.float32))
+        out = np.empty(len(probe))
+        for row in range(len(probe)):
+            feed[self.manifest["params_input"]] = perturbed(x, probe, row)
+            out[row] = self.sample_losses(session.run(None, feed)[0], y).mean()
+        return out
 
     @staticmethod
     def generic_starts(op):

@@ -59,6 +59,14 @@ def downstream(nodes, names):
     return after, reached
 
 
+def frozen_frontier(nodes, params_name, input_name):
+    """The activations that the nodes the params reach read from the frozen part (the part computed from the input
+    alone): where the rows of a direction probe stop sharing work."""
+    reached_nodes, reached = downstream(nodes, [params_name])
+    data = downstream(nodes, [input_name])[1]
+    return tuple(sorted({n for node in reached_nodes for n in subgraph_inputs(node) if n in data and n not in reached}))
+
+
 def ancestors(nodes, kinds, output):
     """The data nodes the model output depends on, in graph (topological) order."""
     needed, kept = {output}, []

@@ -18,6 +18,7 @@ class Path(Enum):
     OP_STACKED = "op-stacked"  # onnxruntime runs the owner op alone per perturbation (its weights computed from the
     #                            params: a quantized weight's scale, a fake-quantized bias), the rest stacked
     DEVICE = "device"    # the device engine's fused kernel-and-rest session
+    PREFIX = "prefix"    # a direction probe: the frozen part once, the rest of the graph once per row
     NAIVE = "naive"      # one call of the whole loss graph per probe row
 
 
@@ -36,11 +37,16 @@ class StepEngine:
     ops, input_name, target_name, memory_bytes, sample_bytes, and implements base(), scores(), owner_losses()."""
     taken = None
 
+    def direction_losses(self, params, probe, a0, y):
+        raise Unsupported("direction probes")
+
     def losses(self, params, probe, inputs, targets):
-        if not isinstance(probe, CoordinateProbe):
-            raise Unsupported("direction probes")
         if self.taken is None:
             self.taken = Counter()  # probe rows evaluated per path, counted as they run
+        if not isinstance(probe, CoordinateProbe):
+            out = self.direction_losses(params, probe, inputs[self.input_name], targets[self.target_name])
+            self.taken[Path.PREFIX] += len(probe)
+            return out
         x = np.ascontiguousarray(params, np.float32)
         a0 = np.ascontiguousarray(inputs[self.input_name], np.float32)
         y = targets[self.target_name]
