@@ -233,12 +233,12 @@ def build_parser():
 
     p = sub.add_parser("demo", help="adapt a deployed classifier forward-only (CoCD, BCCD, MeZO vs backprop SGD); "
                        "--task sarcos: the paper's SARCOS MLP from scratch")
-    p.add_argument("--task", choices=("adapt", "int8", "sarcos"), default="adapt",
-                   help="adapt (default): the deployed digit classifier meets Fashion-MNIST with a new head; "
-                   "int8: the same on its int8 version (written back as int8; backprop cannot train it); "
-                   "sarcos: robot-arm inverse dynamics from scratch")
+    p.add_argument("--task", choices=("int8", "adapt", "sarcos"), default="int8",
+                   help="int8 (default): the deployed digit classifier, quantized to int8, meets Fashion-MNIST with a "
+                   "new int8 head (written back as int8; backprop cannot train it); adapt: the same on the fp32 "
+                   "model; sarcos: robot-arm inverse dynamics from scratch")
     p.add_argument("--out", default="runs/demo", help="folder for results (replaced if it exists)")
-    p.add_argument("--epochs", type=int, help="default 20 (adapt) or 12 (sarcos)")
+    p.add_argument("--epochs", type=int, help="default 20 (int8, adapt) or 12 (sarcos)")
     p.add_argument("--sarcos", help="a sarcos_inv.mat to use instead of the built-in arm model")
     p.set_defaults(func=cmd_demo)
     return parser
