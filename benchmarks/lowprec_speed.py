@@ -21,7 +21,7 @@ from step_speed import forward_ms, probes_at, step_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MODELS = {"mobilenetv3_small": (dict(side=96), 32), "transformer": ({}, 32)}
-RUNS = [("fp32", "head"), ("int8", "head"), ("int8", "scales"), ("fp16", "head")]
+RUNS = [("fp32", "head"), ("int8", "head"), ("int8", "scales"), ("fp16", "head"), ("fp16io", "head")]
 
 
 def model_files(model, size):
@@ -29,7 +29,7 @@ def model_files(model, size):
     from deployed import export
     folder = ARTIFACTS / f"lowprec-{model}"
     folder.mkdir(parents=True, exist_ok=True)
-    files = {p: folder / f"{p}.onnx" for p in ("fp32", "int8", "fp16")}
+    files = {p: folder / f"{p}.onnx" for p in ("fp32", "int8", "fp16", "fp16io")}
     if not files["fp32"].exists():
         export(model, files["fp32"], **size)
     shape = __import__("onnx").load(files["fp32"]).graph.input[0].type.tensor_type.shape.dim
@@ -55,6 +55,10 @@ def model_files(model, size):
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
         onnx.save(convert_float_to_float16(onnx.load(files["fp32"]), keep_io_types=True), files["fp16"])
+    if not files["fp16io"].exists():  # fp16 inputs and outputs too
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        onnx.save(convert_float_to_float16(onnx.load(files["fp32"]), keep_io_types=False), files["fp16io"])
     return files, shape
 
 
@@ -81,6 +85,7 @@ def bench(model, steps, sample):
         cycle = -(-params.size // 16)
         probes = probes_at(params, 16, np.linspace(0, cycle - 1, min(steps, cycle)).astype(int))
         label = f"{model} {precision} {selection}"
+        x = x.astype(np.float16 if precision == "fp16io" else np.float32)
         row = {"model": model, "precision": precision, "selection": selection, "num_params": int(params.size),
                "batch": batch, "steps_timed": len(probes), "engine_note": arts["auto"].engine_note}
         for engine, art in arts.items():

@@ -49,6 +49,7 @@ class GraphEngine(StepEngine):
         self.propagate, self.memory_bytes = propagate, memory_mb * 2 ** 20
         self.kind, self.loss_session = manifest["loss"]["kind"], None
         self.input_name = manifest["inputs"][0]["name"]
+        self.input_dtype = np.dtype(manifest["inputs"][0].get("dtype", "float32"))
         self.target_name = manifest["targets"][0]["name"]
         self.output = scores_name(manifest)
         self.owner = np.empty(manifest["num_params"], np.int64)  # flat index -> op index
@@ -190,8 +191,8 @@ class GraphEngine(StepEngine):
         acts = self.subgraphs.run(sorted({start, self.output} | set(extra)), x, a0)
         n = len(a0)
         base = acts[start]
-        other = (base // 2 + 1).astype(base.dtype) if base.dtype.kind in "iu" else base * np.float32(0.5) + \
-            np.float32(0.25)  # another copy, in the tensor's own type (int8 between QOperator layers)
+        other = (base // 2 + 1 if base.dtype.kind in "iu" else base * 0.5 + 0.25).astype(base.dtype)  # another
+        # copy, in the tensor's own type (int8 between QOperator layers, float16 in fp16 models)
         both = np.concatenate([acts[start], other])
         try:
             stacked = self.run_suffix(start, both, acts, np.concatenate([np.arange(n), np.arange(n)]), x)[:n]
@@ -285,7 +286,7 @@ class GraphEngine(StepEngine):
             raise Unsupported("direction probes: the first op reads the params (no frozen part to share)")
         session, extra = self.suffix(starts)
         x = np.ascontiguousarray(params, np.float32)
-        feed = self.cuts.run(sorted(set(starts) | set(extra)), x, np.ascontiguousarray(a0, np.float32))
+        feed = self.cuts.run(sorted(set(starts) | set(extra)), x, np.ascontiguousarray(a0, self.input_dtype))
         out = np.empty(len(probe))
         for row in range(len(probe)):
             feed[self.manifest["params_input"]] = perturbed(x, probe, row)

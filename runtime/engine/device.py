@@ -40,6 +40,7 @@ class DeviceEngine(StepEngine):
         self.engine, self.device, self.ops = engine, device, engine.ops
         self.manifest, self.sub = engine.manifest, engine.cuts
         self.owner, self.input_name, self.target_name = engine.owner, engine.input_name, engine.target_name
+        self.input_dtype = engine.input_dtype
         self.memory_bytes, self.sample_bytes = engine.memory_bytes, engine.sample_bytes
         self.sample_losses = engine.sample_losses
         self.per_sample = self.manifest["loss"].get("per_sample")

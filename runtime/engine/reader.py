@@ -103,8 +103,9 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     outs = [node.output[0] for node in nodes]
     frozen_in = sorted({n for node in nodes for n in node.input if kinds.get(n) == "data"} - set(outs)
                        - {manifest["inputs"][0]["name"]})
+    dtype = np.dtype(manifest["inputs"][0].get("dtype", "float32"))  # float16 inputs (fp16 models), int ids
     probe = subgraphs.run(folded + outs + frozen_in, np.zeros(manifest["num_params"], np.float32),
-                          np.zeros([2] + list(manifest["inputs"][0]["shape"][1:]), np.float32))
+                          np.zeros([2] + list(manifest["inputs"][0]["shape"][1:]), dtype))
     const.update({n: probe[n] for n in folded})
     param_deps = {name: {name} for name in entries}  # tensor -> the trainable tensors it is computed from
     for node in graph.node:
@@ -130,10 +131,11 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     widest = max(probe[op.output].nbytes // 2 for op in ops)
     engine = cls(ops, manifest, propagate, memory_mb, base, widest, kinds, subgraphs)
     rng = np.random.default_rng(0)
-    a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(np.float32)
+    a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(dtype)
     budget.check()
     engine.check_stacking(a0, budget.check)
-    engine.check_loss(subgraphs, probe[output] + rng.standard_normal(probe[output].shape).astype(np.float32), rng)
+    scores = probe[output]
+    engine.check_loss(subgraphs, (scores + rng.standard_normal(scores.shape)).astype(scores.dtype), rng)
     subgraphs.sessions.clear()  # the build's sessions (each holds the frozen weights) are not the steps'
     engine.limit_memory(max(memory_mb - budget.grown(), 1.0))  # what the build holds: the rest is for steps
     return engine

@@ -36,6 +36,7 @@ class StepEngine:
     """Losses of a coordinate probe. A subclass sets owner (flat index -> op index), routes (op index -> Route),
     ops, input_name, target_name, memory_bytes, sample_bytes, and implements base(), scores(), owner_losses()."""
     taken = None
+    input_dtype = np.float32  # the model input's own type (float16 for fp16 models)
 
     def direction_losses(self, params, probe, a0, y):
         raise Unsupported("direction probes")
@@ -48,7 +49,7 @@ class StepEngine:
             self.taken[Path.PREFIX] += len(probe)
             return out
         x = np.ascontiguousarray(params, np.float32)
-        a0 = np.ascontiguousarray(inputs[self.input_name], np.float32)
+        a0 = np.ascontiguousarray(inputs[self.input_name], self.input_dtype)
         y = targets[self.target_name]
         owners = self.owner[probe.index]
         acts = self.base(x, a0, np.unique(owners))
