@@ -257,8 +257,9 @@ def serve(grid, config, log=print):
         for n, why in out_now.items():
             log(f"step {step}: device {n} left out: {why}")
         if val is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+            scores = evaluate(artifact, replica.params, val, config.batch_size)
             evals.append({"step": step + 1, "seconds": time.perf_counter() - start,
-                          **{f"val_{k}": v for k, v in evaluate(artifact, replica.params, val).items()}})
+                          **{f"val_{k}": v for k, v in scores.items()}})
             log(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in evals[-1].items() if k != "step"))
         elif (step + 1) % max(1, config.steps // 10) == 0:
             log(f"step {step + 1}/{config.steps}: mean probe loss {mean.mean():.4g}, "
@@ -275,7 +276,7 @@ def serve(grid, config, log=print):
                "fleet": {k: getattr(config, k) for k in ("clients", "partition", "min_devices", "round_timeout")}}
     if val is not None:
         metrics["evals"] = evals or [{"step": replica.steps, **{f"val_{k}": v for k, v in evaluate(
-            artifact, replica.params, val).items()}}]
+            artifact, replica.params, val, config.batch_size).items()}}]
     return write_run(out, config.artifact, config.batch_size, 0, config.seed, artifact.file("inference"),
                      artifact.manifest, replica.params, metrics, log)
 
