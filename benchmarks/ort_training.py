@@ -273,9 +273,12 @@ def main():
         raise SystemExit(f"{args.ort_python} not found: run `make bench-ort` (it builds .venv-ort)")
     work = Path(args.out).resolve()
     start = time.perf_counter()
-    results = {"grids": GRIDS, "forward_only_flags": ZO_FLAGS, "eval_batch": "the training batch, both sides", "cases": {}}
+    saved = ROOT / "benchmarks" / "results" / "ort_training.json"  # cases not run keep their last results
+    results = json.loads(saved.read_text()) if saved.exists() else {"cases": {}}
+    results.update({"grids": GRIDS, "forward_only_flags": ZO_FLAGS, "eval_batch": "the training batch, both sides"})
     for name in args.cases:
-        results["cases"][name] = run_case(name, args.ort_python, work, args.max_seconds)
+        results["cases"][name] = dict(run_case(name, args.ort_python, work, args.max_seconds),
+                                      measured=time.strftime("%Y-%m-%d"))
     if args.budget_seconds and "mnv3_bn_biases" in results["cases"]:
         results["memory_budget"] = memory_budget(args.ort_python, work, results["cases"]["mnv3_bn_biases"]["rows"],
                                                  args.budget_seconds)
