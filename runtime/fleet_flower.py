@@ -217,7 +217,7 @@ def serve(grid, config, log=print):
     """The server's loop: the steps, the final broadcast, then params.npy, trained.onnx and metrics.json from its
     replica (the initial params told the same means). Returns metrics.json's content."""
     from . import load_artifact
-    from .files import save_json
+    from .files import check_new_folder, save_json
     from .run import RUN_CONFIG, load_train_val, make_optimizer, optimizer_settings, write_run
     from .train import evaluate
     out = Path(config.out)
@@ -225,6 +225,8 @@ def serve(grid, config, log=print):
     replica = make_optimizer(config, artifact.initial_params())
     rows = len(replica.ask())
     replica.discard()
+    if not config.resume:  # a new run never appends to another run's log
+        check_new_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     if not config.resume:
         save_json(out / RUN_CONFIG, config.to_json())
@@ -326,7 +328,10 @@ def simulate(config, log=print):
     """Flower's simulation runtime on this machine: config.clients devices, each with its share of config.data
     (config.partition), in Ray actors of one CPU each. Returns metrics.json's content."""
     from flwr.simulation import run_simulation
+    from .files import check_new_folder
     config.check()
+    if not config.resume:  # before Ray starts: one line, nothing written
+        check_new_folder(config.out)
     result = {}
     run_simulation(make_server_app(config, log, result), make_client_app(config), num_supernodes=config.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -164,3 +164,10 @@ def test_bad_fleet_settings_are_one_line_errors(mlp_artifact, sarcos_npz, tmp_pa
         assert not (tmp_path / "r").exists()
     proc = run_cli("fleet", "simulate", "--resume", "--out", tmp_path / "none")
     assert proc.returncode == 2 and "--resume needs --out RUN" in proc.stderr
+    from edgezo.runtime.errors import EdgezoError
+    from edgezo.runtime.fleet_flower import simulate
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "means.f32").write_bytes(b"1234")  # another run's log: never appended to
+    with pytest.raises(EdgezoError, match="is not an empty folder"):
+        simulate(FleetConfig(artifact=str(mlp_artifact), data=str(sarcos_npz), steps=2, out=str(tmp_path / "used")))
+    assert (tmp_path / "used" / "means.f32").read_bytes() == b"1234"
