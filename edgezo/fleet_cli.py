@@ -1,5 +1,6 @@
 """`edgezo fleet`: simulate a fleet on this machine, or make the Flower app (and its keys) for a real one."""
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def config_from(args):
 
 
 def cmd_simulate(args):
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower reports usage events unless told not to
     from .runtime.fleet_flower import simulate
     config = config_from(args)
     check(config.artifact and config.data, "edgezo fleet simulate needs ARTIFACT and --data")

@@ -16,6 +16,7 @@ import pytest
 from conftest import run_cli
 
 pytest.importorskip("flwr", reason="the fleet extra (flwr) is not installed")
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # no usage events from the tests' Flower processes
 from edgezo.runtime import load_artifact  # noqa: E402
 from edgezo.runtime.config import FleetConfig  # noqa: E402
 from edgezo.runtime.data import load_data  # noqa: E402
