@@ -14,6 +14,7 @@ Each run is its own process, one at a time. Writes benchmarks/results/fleet.json
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -52,9 +53,7 @@ def demo_task():
 
 def simulate(name, art, data, clients, steps, *flags):
     run = OUT / name
-    if run.exists():
-        import shutil
-        shutil.rmtree(run)
+    shutil.rmtree(run, ignore_errors=True)  # a run folder must be new
     edgezo("fleet", "simulate", art, "--data", data, "--clients", clients, "--steps", steps, "--out", run, *flags,
            log=OUT / f"{name}.log")
     return run, json.loads((run / "metrics.json").read_text())
@@ -169,16 +168,12 @@ def part_accuracy(art, train, test, steps):
     alone_data = OUT / "device0.npz"
     np.savez(alone_data, **partition(data, 0, 4, "classes", 0))
     alone = OUT / "accuracy-alone"
-    if alone.exists():
-        import shutil
-        shutil.rmtree(alone)
+    shutil.rmtree(alone, ignore_errors=True)  # a run folder must be new
     edgezo("train", art, "--data", alone_data, *flags, "--steps", steps, "--eval-every", max(1, steps // 8),
            "--out", alone, log=OUT / "accuracy-alone.log")
     alone_metrics = json.loads((alone / "metrics.json").read_text())
     pooled = OUT / "accuracy-pooled"  # one device holding all four devices' rows, batch 4 x 32
-    if pooled.exists():
-        import shutil
-        shutil.rmtree(pooled)
+    shutil.rmtree(pooled, ignore_errors=True)  # a run folder must be new
     edgezo("train", art, "--data", train, *COCD, "--batch-size", 128, "--val-data", test, "--steps", steps,
            "--out", pooled, log=OUT / "accuracy-pooled.log")
     pooled_accuracy = json.loads((pooled / "metrics.json").read_text())["history"][-1]["val_accuracy"]

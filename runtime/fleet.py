@@ -21,7 +21,7 @@ class Device:
         self.rows = data_mod.num_rows(data)
         data_mod.check_batch_size(batch_size, self.rows)
         self.per_epoch = data_mod.batches_per_epoch(self.rows, batch_size)
-        self._asked = None  # (step, probe, state before the ask) asked and not yet told
+        self._asked = None  # (step, probe) asked and not yet told
 
     @property
     def step(self):
@@ -35,13 +35,17 @@ class Device:
     def _probe(self, step):
         check(step == self.step, f"the fleet is at step {step}, this device at {self.step}: catch up first")
         if self._asked is None or self._asked[0] != step:
-            before = self.optimizer.state_dict()  # a directional optimizer's ask() draws its seeds
-            self._asked = (step, self.optimizer.ask(), before)
+            self._asked = (step, self.optimizer.ask())
         return self._asked[1]
 
     def state_dict(self):
-        """The optimizer's state as of before a pending ask: restored, it asks the same probe again."""
-        return self.optimizer.state_dict() if self._asked is None else self._asked[2]
+        """The optimizer's state without a pending probe: restored, it asks the same probe again. A pending one is
+        discarded first (discard() undoes what ask() drew, a directional optimizer's seeds); the next evaluate or
+        apply asks it again, identically."""
+        if self._asked is not None:
+            self.optimizer.discard()
+            self._asked = None
+        return self.optimizer.state_dict()
 
     def evaluate(self, step):
         """(this step's loss vector on a local batch, the batch's row count)."""

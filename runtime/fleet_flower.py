@@ -10,9 +10,9 @@ optimizer's state in its Context (Flower holds it on the device between messages
 """
 import hashlib
 import json
+import os
 import re
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +163,7 @@ class Wire:
         return replies
 
 
-def read_answer(reply, rows):
+def read_answer(reply):
     """(losses, rows), or the reason a reply is left out."""
     if reply.has_error():  # an exception in the ClientApp: Flower's reason ends with its message
         reason = re.sub(r"\x1b\[[0-9;]*m", "", reply.error.reason).rstrip("'>").split("Message: ")[-1]
@@ -197,11 +197,10 @@ class ServerLog:
         self.file.write(np.asarray(mean, np.float32).tobytes())
         self.file.flush()
         if sync:
-            import os
             os.fsync(self.file.fileno())
 
 
-def wait_for_nodes(grid, wanted, least, timeout, log):
+def wait_for_nodes(grid, wanted, least, timeout):
     """The connected nodes once `wanted` are there, or after `timeout` s if at least `least` are."""
     start = time.monotonic()
     while True:
@@ -227,8 +226,7 @@ def serve(grid, config, log=print):
     replica.discard()
     if not config.resume:  # a new run never appends to another run's log
         check_new_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not config.resume:
+        out.mkdir(parents=True, exist_ok=True)
         save_json(out / RUN_CONFIG, config.to_json())
     server_log = ServerLog(out, rows, config.resume)
     aggregator = Aggregator(rows, config.min_devices, log=server_log.means)
@@ -236,15 +234,18 @@ def serve(grid, config, log=print):
         replica.ask()
         replica.tell(mean)
     val = load_train_val(config, artifact.manifest)[1] if config.val_data else None
+
+    def validation():  # the replica's, at the training batch, named as `edgezo train` names them
+        return {f"val_{k}": v for k, v in evaluate(artifact, replica.params, val, config.batch_size).items()}
     wire, known, left_out, evals = Wire(grid, out / "messages.jsonl"), {}, [], []
     if aggregator.step:
         log(f"resuming at step {aggregator.step} (devices catch up from the log)")
     start, begin, first = time.perf_counter(), aggregator.step, None
     for step in range(begin, config.steps):
-        nodes = wait_for_nodes(grid, config.clients, config.min_devices, config.round_timeout, log)
+        nodes = wait_for_nodes(grid, config.clients, config.min_devices, config.round_timeout)
         asks = {n: ask(step, aggregator.log, known.get(n, 0)) for n in nodes}
         replies = wire.exchange(step, asks, config.round_timeout)
-        answers = {n: read_answer(replies[n], rows) if n in replies else
+        answers = {n: read_answer(replies[n]) if n in replies else
                    f"no answer within {config.round_timeout:g} s" for n in nodes}
         for n, reply in replies.items():
             got = reply.content[KEY] if reply.has_content() else {}
@@ -259,9 +260,7 @@ def serve(grid, config, log=print):
         for n, why in out_now.items():
             log(f"step {step}: device {n} left out: {why}")
         if val is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-            scores = evaluate(artifact, replica.params, val, config.batch_size)
-            evals.append({"step": step + 1, "seconds": time.perf_counter() - start,
-                          **{f"val_{k}": v for k, v in scores.items()}})
+            evals.append({"step": step + 1, "seconds": time.perf_counter() - start, **validation()})
             log(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in evals[-1].items() if k != "step"))
         elif (step + 1) % max(1, config.steps // 10) == 0:
             log(f"step {step + 1}/{config.steps}: mean probe loss {mean.mean():.4g}, "
@@ -277,8 +276,7 @@ def serve(grid, config, log=print):
                    way: b / max(1, config.steps * len(nodes)) for way, b in wire.bytes.items()}),
                "fleet": {k: getattr(config, k) for k in ("clients", "partition", "min_devices", "round_timeout")}}
     if val is not None:
-        metrics["evals"] = evals or [{"step": replica.steps, **{f"val_{k}": v for k, v in evaluate(
-            artifact, replica.params, val, config.batch_size).items()}}]
+        metrics["evals"] = evals or [{"step": replica.steps, **validation()}]
     return write_run(out, config.artifact, config.batch_size, 0, config.seed, artifact.file("inference"),
                      artifact.manifest, replica.params, metrics, log)
 

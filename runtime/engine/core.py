@@ -60,7 +60,7 @@ class GraphEngine(StepEngine):
         for op in ops:
             for name in op.inputs:
                 self.consumers.setdefault(name, []).append(op)
-        self._downstream, self._needs = {}, {}
+        self._downstream, self._needs, self._frontier = {}, {}, None
         # cut sessions kept under the memory cap (as the stacked copies are): a step uses one or two layers'
         self._suffixes, self._op_sessions = Recent(SESSIONS_KEPT), Recent(SESSIONS_KEPT)
         self.limit_memory(memory_mb)
@@ -281,7 +281,10 @@ class GraphEngine(StepEngine):
     def direction_losses(self, params, probe, a0, y):
         """A direction probe (SPSA, MeZO, ZO-SGD: every weight moves in every row): the frozen part of the graph
         once, the part the params reach once per row from its frontier (exact: the same ops on the same values)."""
-        starts = frozen_frontier(self.cuts.model.graph.node, self.manifest["params_input"], self.input_name)
+        if self._frontier is None:  # read off the graph once
+            self._frontier = frozen_frontier(self.cuts.model.graph.node, self.manifest["params_input"],
+                                             self.input_name)
+        starts = self._frontier
         if starts in ((), (self.input_name,)):
             raise Unsupported("direction probes: the first op reads the params (no frozen part to share)")
         session, extra = self.suffix(starts)
