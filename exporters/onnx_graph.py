@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.engine.graph import element_types
 from ..runtime.errors import EdgezoError
 from ..runtime.files import check_new_folder
 from ..runtime.manifest import FORMAT_VERSION, validate
@@ -133,8 +134,8 @@ def write_artifact(out_dir, manifest, params, models, extra_files=()):
     try:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         np.save(tmp / manifest["files"]["params"], params.astype(np.float32))
-        for name, model in models.items():
-            onnx.save(model, tmp / name)
+        for name, model in models.items():  # loss.onnx typed: the device's engine cuts it without shape inference
+            onnx.save(element_types(model) if name == "loss.onnx" else model, tmp / name)
         for name, writer in extra_files:
             writer(tmp / name)
         if out_dir.exists():

@@ -130,13 +130,36 @@ def add_contrib_types(model):
     return model
 
 
+def typed(model):
+    """`model` with an element type for every tensor a cut may end at. loss.onnx as exported carries them
+    (exporters.onnx_graph.write_artifact); other files get ONNX shape inference here, whose op schemas cost
+    the device 5.5 MiB of RSS."""
+    graph = model.graph
+    known = {v.name for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    if all(o in known for node in graph.node for o in node.output if o):
+        return model
+    return add_contrib_types(onnx.shape_inference.infer_shapes(model))
+
+
+def element_types(model):
+    """A copy of `model` whose value_info gives every tensor ONNX can type its element type (no shape: nothing
+    for onnxruntime to disagree with)."""
+    out, inferred = onnx.ModelProto(), typed(model)
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    for v in inferred.graph.value_info:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            out.graph.value_info.append(onnx.helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, None))
+    return out
+
+
 SESSION_MB = 4  # an onnxruntime session's own memory besides its weights (54 int8 cuts held 334 MiB)
 
 
-def cut_session(model, device, threads):
-    """(an arena-less session of a cut, its estimated size in MiB: its weights twice (onnxruntime's copy and a
-    prepacked one) and SESSION_MB; the RSS growth while it is made misses what its first run allocates)."""
-    return make_session(model, device, threads, arena=False), SESSION_MB + 2 * model.ByteSize() / 2 ** 20
+def cut_session(model, device, threads, arena=False):
+    """(a session of a cut, arena-less unless asked, its estimated size in MiB: its weights twice (onnxruntime's
+    copy and a prepacked one) and SESSION_MB; the RSS growth while it is made misses what its first run allocates)."""
+    return make_session(model, device, threads, arena=arena), SESSION_MB + 2 * model.ByteSize() / 2 ** 20
 
 
 class Recent:
@@ -180,13 +203,16 @@ class Subgraphs:
     on first use and cached (the few most recent). A session computes only what its outputs need."""
 
     def __init__(self, model, manifest, threads, keep=8, device="cpu"):
-        self.model = add_contrib_types(onnx.shape_inference.infer_shapes(model))
+        self.model = typed(model)
         self.inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
         self.threads, self.sessions, self.device = threads, Recent(keep), device
 
     def session(self, names):
+        # with an arena: the base forward runs every step at the same shapes and reuses its blocks, where glibc's
+        # heap fragmented and grew over hundreds of steps (demo head: training's rise 61 -> 43 MiB); `keep`
+        # bounds how many arenas live
         return self.sessions.get(tuple(names), lambda: cut_session(cut(self.model, self.inputs, list(names)),
-                                                                    self.device, self.threads))
+                                                                    self.device, self.threads, arena=True))
 
     def run(self, names, params, a0):
         return dict(zip(names, self.session(names).run(list(names), {self.inputs[0]: params, self.inputs[1]: a0})))
