@@ -27,14 +27,12 @@ naive path. device.py runs the same paths on an accelerator.
 import numpy as np
 
 from ..loss import per_sample_losses, scores_name
-from ..sessions import make_session
 from ..probes import perturbed
 from .graph import Recent, Unsupported, cut, cut_session, downstream, frozen_frontier, subgraph_inputs
 from .ops import Mode, splice, take_block
 from .step import Path, Route, StepEngine
 
 
-BATCH_MIXING = {"DynamicQuantizeLinear"}  # ops whose output depends on every sample of the batch
 SESSIONS_KEPT = 2  # cut sessions always kept, whatever their size (more than one step uses)
 
 
@@ -87,23 +85,6 @@ class GraphEngine(StepEngine):
             return per_sample_losses(scores, y, self.kind)
         feed = {self.output: np.ascontiguousarray(scores), self.target_name: y}
         return self.loss_session.run(None, feed)[0].astype(np.float64)
-
-    def check_loss(self, subgraphs, scores, rng):
-        """Format 2: the per-sample losses come from the loss graph; numpy's formula of a built-in kind is used
-        instead only where it gives the graph's values on a probe batch (1e-5 relative)."""
-        name = self.manifest["loss"].get("per_sample")
-        if name is None:
-            return
-        model = self.loss_model = cut(subgraphs.model, [self.output, self.target_name], [name])
-        session = make_session(model, subgraphs.device, subgraphs.threads, arena=False)
-        self.loss_session = session
-        if self.kind in ("mse", "cross_entropy", "binary_cross_entropy"):
-            y = rng.integers(0, scores.shape[-1], len(scores)) if self.kind == "cross_entropy" else \
-                rng.random(scores.shape).astype(np.float32)
-            graph = self.sample_losses(scores, y)
-            self.loss_session = None
-            if not np.allclose(self.sample_losses(scores, y), graph, rtol=1e-5, atol=1e-6):
-                self.loss_session = session
 
     def dense_start(self, t):
         """Where the dense part begins for a change of tensor t (see _propagate)."""
@@ -158,50 +139,6 @@ class GraphEngine(StepEngine):
             feed[name] = acts[name][sample]
         return session.run(None, feed)[0]
 
-    def check_stacking(self, a0, budget_check=lambda: None):
-        """Each stacked suffix must treat samples independently: a run on two different stacked copies must
-        equal separate runs (training-mode BatchNorm, batch reductions and batch sizes baked into a Reshape
-        fail this). Layers whose suffix fails take the generic path, and the path says why."""
-        x = np.zeros(self.manifest["num_params"], np.float32)
-        for j, route in list(self.routes.items()):
-            if route.path is Path.GENERIC and self.op_stackable(j) and self.stacks(self.ops[j].output, x, a0) is None:
-                self.routes[j] = Route(Path.OP_STACKED, self.ops[j].node.op_type)
-            if route.path is not Path.STACKED:
-                continue
-            why = self.stacks(self.start_of(j), x, a0)
-            budget_check()
-            if why:
-                self.routes[j] = Route(Path.GENERIC, route.detail + why)
-
-    def op_stackable(self, j):
-        """An op onnxruntime runs alone per perturbation (OP_STACKED): one that reads its tensors through
-        weight-side nodes only (not shared with other ops) and has one output."""
-        op = self.ops[j]
-        used = {n for node in self.cuts.model.graph.node for n in node.input}
-        return (op.mode is Mode.OPAQUE and not getattr(op, "shared", False) and len(op.inputs) >= 1
-                and list(op.starts or ()) == list(op.inputs)
-                and not any(o in used for o in op.node.output[1:]))
-
-    def stacks(self, start, x, a0):
-        """None where the suffix from `start` may run on stacked copies; else why not."""
-        mixing = sorted({n.op_type for n in self.suffix_model(start)[0].graph.node} & BATCH_MIXING)
-        if mixing:  # one statistic over the whole (stacked) batch: copies would change each other's values
-            return f" (past {mixing[0]}: one scale from the whole batch)"
-        extra = self.suffix(start)[1]
-        acts = self.subgraphs.run(sorted({start, self.output} | set(extra)), x, a0)
-        n = len(a0)
-        base = acts[start]
-        other = (base // 2 + 1 if base.dtype.kind in "iu" else base * 0.5 + 0.25).astype(base.dtype)  # another
-        # copy, in the tensor's own type (int8 between QOperator layers, float16 in fp16 models)
-        both = np.concatenate([acts[start], other])
-        try:
-            stacked = self.run_suffix(start, both, acts, np.concatenate([np.arange(n), np.arange(n)]), x)[:n]
-            alone = self.run_suffix(start, acts[start], acts, np.arange(n), x)
-            ok = stacked.shape == alone.shape and np.allclose(stacked, alone, rtol=1e-4, atol=1e-5)
-        except Exception:  # onnxruntime refusing the stacked batch (a batch size baked into a shape)
-            ok = False
-        return None if ok else " (mixes samples or fixes the batch size)"
-
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None, device="cpu"):
         """The engine for loss.onnx at model_path (reader.py); raises Unsupported where it does not apply."""
@@ -220,12 +157,21 @@ class GraphEngine(StepEngine):
     def base(self, x, a0, owners):
         if self.subgraphs is None:
             return self.forward(x, a0)
-        # only the activations this step's ops read: onnxruntime frees the others as it goes
-        names = sorted(set().union({self.output}, *(self.needs(j) for j in owners)) - {self.input_name})
-        return dict(self.subgraphs.run(names, x, a0), **{self.input_name: a0})
+        return dict(self.subgraphs.run(self.base_names(owners), x, a0), **{self.input_name: a0})
+
+    def base_names(self, owners):
+        """The activations a step of these ops reads: onnxruntime frees the others as it goes."""
+        return sorted(set().union({self.output}, *(self.needs(j) for j in owners)) - {self.input_name})
 
     def scores(self, acts):
         return acts[self.output]
+
+    def evaluate(self, x, a0, y):
+        """(mean loss, scores) at params x by the steps' base session (the latest, or the first step's), so that
+        an evaluation adds no session and no arena of its own."""
+        names = self.subgraphs.latest(self.output) or self.base_names([int(self.owner[0])])
+        scores = self.subgraphs.run(names, x, a0)[self.output]
+        return float(self.sample_losses(scores, y).mean()), scores
 
     def owner_losses(self, j, x, acts, a0, index, delta, y):
         op = self.ops[j]

@@ -214,5 +214,9 @@ class Subgraphs:
         return self.sessions.get(tuple(names), lambda: cut_session(cut(self.model, self.inputs, list(names)),
                                                                     self.device, self.threads, arena=True))
 
+    def latest(self, name):
+        """The output names of the most recently used session that computes `name`, or None."""
+        return next((names for names in reversed(self.sessions.items) if name in names), None)
+
     def run(self, names, params, a0):
         return dict(zip(names, self.session(names).run(list(names), {self.inputs[0]: params, self.inputs[1]: a0})))

@@ -6,6 +6,7 @@ from onnx import numpy_helper
 
 from ..loss import scores_name
 from ..memory import rss_mb
+from .checks import check_loss, check_stacking
 from .graph import Subgraphs, Unsupported, ancestors, attrs, downstream, kinds_of, subgraph_inputs
 from .ops import OPS, Context, Mode, Op
 
@@ -133,9 +134,9 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     rng = np.random.default_rng(0)
     a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(dtype)
     budget.check()
-    engine.check_stacking(a0, budget.check)
+    check_stacking(engine, a0, budget.check)
     scores = probe[output]
-    engine.check_loss(subgraphs, (scores + rng.standard_normal(scores.shape)).astype(scores.dtype), rng)
+    check_loss(engine, subgraphs, (scores + rng.standard_normal(scores.shape)).astype(scores.dtype), rng)
     subgraphs.sessions.clear()  # the build's sessions (each holds the frozen weights) are not the steps'
     engine.limit_memory(max(memory_mb - budget.grown(), 1.0))  # what the build holds: the rest is for steps
     return engine
