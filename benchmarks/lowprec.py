@@ -155,7 +155,7 @@ def staircase(art, data, eps_values=(1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), coords
     return out
 
 
-RECOVERY = ["--optimizer", "cocd", "--budget", "64", "--lr=RLR", "--eps=0.02", "--gamma=0.93", "--epochs", "REP"]
+RECOVERY = ["--optimizer", "cocd", "--budget", "64", "--lr=0.0003", "--eps=0.02", "--gamma=0.93", "--epochs", "6"]
 
 
 def recovery(work, before):

@@ -17,17 +17,21 @@ class Selection:
     scales: bool = _flag("quantized (QDQ int8) models: train every quantized weight's scales, per channel or per "
                          "tensor, as log-factors (scale0 * exp(t)); tied int32 biases are re-quantized with them",
                          default=False, flag=True)
+    activation_scales: bool = _flag("quantized (QDQ int8) models: train every quantized activation's scale (what "
+                                    "calibration chose) as a log-factor; the biases read at it are re-quantized with "
+                                    "it", default=False, flag=True)
     lora: int = _flag("train low-rank adapters (A [r, in], B [out, r], B = 0 at start) beside the frozen "
                       "Gemm/MatMul/Conv weights; write-back merges them into the weights", metavar="RANK")
     lora_targets: str = _flag("--lora: only the layers whose weight or node name matches", metavar="GLOB")
 
     def given(self):
-        return bool(self.trainable or self.last_layers or self.norms or self.biases or self.scales)
+        return bool(self.trainable or self.last_layers or self.norms or self.biases or self.scales or
+                    self.activation_scales)
 
     def tensors(self):
         """The keyword arguments of onnx_import.choose."""
         return dict(trainable=self.trainable, last_layers=self.last_layers, norms=self.norms, biases=self.biases,
-                    scales=self.scales)
+                    scales=self.scales, activation_scales=self.activation_scales)
 
 
 @dataclass

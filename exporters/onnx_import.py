@@ -17,6 +17,7 @@ from ..runtime.errors import EdgezoError, check
 from ..runtime.loss import loss_nodes
 from . import onnx_prepare as prep
 from .lora import add_lora, lora_targets
+from .quant import activation_scales as quantized_activation_scales
 from .quant import fresh_int8_head, prepare_quantized, qop_inputs, quantized_tensors, weight_scales
 from .onnx_graph import (TRAINABLE_TYPES, build_manifest, check_model, flatten_trainable, tensor_entry, value_info,
                          write_artifact)
@@ -170,11 +171,13 @@ def select_tensors(model, patterns):
     return [n for n in by_name if n in chosen]
 
 
-def choose(model, trainable=None, last_layers=None, norms=False, biases=False, scales=False):
+def choose(model, trainable=None, last_layers=None, norms=False, biases=False, scales=False, activation_scales=False):
     """The union of the selections given, in graph order; at least one must be given."""
-    check(trainable or last_layers or norms or biases or scales, "choose what to train: --trainable PATTERN..., "
-          "--last-layers K, --norms, --biases, --scales (quantized models) and/or --lora R")
+    check(trainable or last_layers or norms or biases or scales or activation_scales, "choose what to train: "
+          "--trainable PATTERN..., --last-layers K, --norms, --biases, --scales, --activation-scales (quantized "
+          "models) and/or --lora R")
     names = weight_scales(model) if scales else []
+    names += quantized_activation_scales(model) if activation_scales else []
     if trainable:
         names += select_tensors(model, trainable)
     if last_layers is not None:
@@ -295,7 +298,7 @@ def pick_loss(model, loss, output):
 
 def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None, output=None, norms=False,
                 biases=False, scales=False, lora=None, lora_targets_glob=None, num_classes=None, fix_input=None, batch_axis=None,
-                seed=0, log=print, config=None, sample_data=None):
+                seed=0, log=print, config=None, sample_data=None, activation_scales=False):
     """Make an artifact from an ONNX inference model. Choose tensors with `trainable` globs, `last_layers`,
     `norms`, `biases` (combinable) and/or `lora` rank (adapters beside `lora_targets_glob` layers). `config`: an
     exporters.config.ExportConfig instead of the keywords."""
@@ -308,8 +311,9 @@ def export_onnx(model_path, out_dir, loss=None, trainable=None, last_layers=None
     outputs = [o.name for o in model.graph.output]
     output = output or outputs[0]
     check(output in outputs, f"--output {output!r} is not an output of the model ({outputs})")
-    selected = trainable or last_layers or norms or biases or scales
-    names = choose(model, trainable, last_layers, norms, biases, scales) if selected or not lora else []
+    selected = trainable or last_layers or norms or biases or scales or activation_scales
+    names = choose(model, trainable, last_layers, norms, biases, scales, activation_scales) if selected or not lora \
+        else []
     adapters = lora_targets(model, lora_targets_glob) if lora else []
     check_not_in_subgraphs(model, names + [a["weight"] for a in adapters])
     for line in shared_notices(model, names):

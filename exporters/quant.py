@@ -56,6 +56,7 @@ class QTensor:
     consumer: str = ""   # the op type reading it
     weight: str = None   # a bias: its layer's weight (a QTensor name), whose scale it follows
     input_scale: str = None  # QOperator: the layer's input scale (a bias is read at input scale x weight scale)
+    activation_scale: str = None  # a QDQ bias: its layer's input activation scale (bias scale = it x weight scale)
 
 
 def _axis(node):
@@ -92,11 +93,27 @@ def quantized_tensors(model):
                                     input_scale=ins[xs])
     found.update(_dynamic(model, inits))
     by_output = {q.dequantized: q for q in found.values() if q.dequantized}
+    dq_scale = {n.output[0]: n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     for node in model.graph.node:  # a layer reading a quantized weight (input 1) and bias (input 2)
         ins = list(node.input)
         if len(ins) > 2 and ins[1] in by_output and ins[2] in by_output and by_output[ins[2]].role == "bias":
             by_output[ins[2]].weight = by_output[ins[1]].name
+            by_output[ins[2]].activation_scale = dq_scale.get(ins[0])
     return found
+
+
+def _activation_scales(model):
+    inits = {t.name for t in model.graph.initializer}
+    return list(dict.fromkeys(n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear"
+                              and n.input[0] not in inits and n.input[1] in inits))
+
+
+def activation_scales(model):
+    """--activation-scales: the scales of the QuantizeLinear nodes that quantize activations (not initializers),
+    in graph order: what calibration chose. Trained as log-factors, as weight scales are."""
+    names = _activation_scales(model)
+    check(names, "--activation-scales: the model has no quantized activations (QuantizeLinear of a computed tensor)")
+    return names
 
 
 from ..runtime.quant import dequantize, quantize, requantize_bias  # noqa: E402  (numpy; write-back on the device uses it too)
@@ -155,7 +172,8 @@ def weight_scales(model):
 
 def _bias_nodes(q, b, weight_scale, factor, value, add_init):
     """A bias as float b (an initializer named b), quantized at its current scale: QDQ round(b / s) * s as the
-    DequantizeLinear's output, s = bias scale0 (x exp(t) of a trained weight scale); QOperator int32
+    DequantizeLinear's output, s = bias scale0 (x exp(t) of a trained weight scale and of a trained input
+    activation scale: `factor`, their graph values); QOperator int32
     round(b / (input scale x current weight scale)) as the layer's bias input."""
     if q.input_scale:  # QOperator
         scale0 = (value[q.input_scale] * value[weight_scale]).astype(np.float32)
@@ -167,9 +185,9 @@ def _bias_nodes(q, b, weight_scale, factor, value, add_init):
                 helper.make_node("Cast", [f"{b}__rounded"], [q.name], to=TensorProto.INT32)]
     add_init(b, dequantize(value[q.name], value[q.scale]))
     nodes, current = [], q.scale
-    if factor:
-        current = f"{q.scale}__current"
-        nodes.append(helper.make_node("Mul", [q.scale, factor], [current]))
+    for k, f in enumerate(factor):  # the trained weight and input activation scales' factors
+        nodes.append(helper.make_node("Mul", [current, f], [f"{q.scale}__current{k}"]))
+        current = f"{q.scale}__current{k}"
     return nodes + [helper.make_node("Div", [b, current], [f"{b}__steps"]),
                     helper.make_node("Round", [f"{b}__steps"], [f"{b}__rounded"]),
                     helper.make_node("Mul", [f"{b}__rounded", current], [q.dequantized])]
@@ -186,7 +204,7 @@ def prepare_quantized(model, names, adapted=()):
     quantized weights with LoRA adapters, whose frozen float value plus the adapters' delta (W__lora_merged, made
     by exporters.lora) is quantized at the weight's scale."""
     qmap = quantized_tensors(model)
-    scales = {q.scale for q in qmap.values() if q.role == "weight"}
+    scales = {q.scale for q in qmap.values() if q.role == "weight"} | set(_activation_scales(model))
     chosen = [n for n in names if n in qmap or n in scales]
     both = sorted(set(chosen) & set(adapted))
     check(not both, f"{both[0] if both else ''!r}: train the int8 weight or its LoRA adapters, not both")
@@ -213,10 +231,12 @@ def prepare_quantized(model, names, adapted=()):
         section["scales"].append({"scale": s, "entry": t})
     for q in qmap.values():
         weight_scale = qmap[q.weight].scale if q.role == "bias" and q.weight in qmap else None
+        activation = q.activation_scale if q.activation_scale in factor and not q.input_scale else None
         follows = weight_scale in factor
-        if q.role == "bias" and (q.name in chosen or follows):
+        if q.role == "bias" and (q.name in chosen or follows or activation):
             b = f"{q.name}__float"
-            nodes += _bias_nodes(q, b, weight_scale, factor.get(weight_scale), value, add_init)
+            nodes += _bias_nodes(q, b, weight_scale, [factor[n] for n in (weight_scale, activation) if n in factor],
+                                 value, add_init)
             if q.dequantized:  # QDQ: the float bias replaces the DequantizeLinear's output
                 graph.node.remove(next(n for n in graph.node if n.op_type == "DequantizeLinear"
                                        and n.input[0] == q.name))
@@ -225,7 +245,7 @@ def prepare_quantized(model, names, adapted=()):
                 renamed[q.name] = b
             section["biases"].append({"tensor": q.name, "scale": q.scale, "input_scale": q.input_scale,
                                       "weight_scale": weight_scale if follows or q.input_scale else None,
-                                      "entry": b if q.name in chosen else None})
+                                      "activation_scale": activation, "entry": b if q.name in chosen else None})
         elif q.role == "weight" and (q.name in chosen or q.name in adapted):
             w = f"{q.name}__float"
             zp = value.get(q.zero_point)

@@ -53,10 +53,12 @@ def quantized_updates(section, tensors, values):
         if b.get("input_scale"):  # QOperator: read at input scale x weight scale (no scale tensor of its own)
             x = own(b["input_scale"])
             scale0 = (x * own(b["weight_scale"])).astype(np.float32)
-            scale = (x * updates.get(b["weight_scale"], own(b["weight_scale"]))).astype(np.float32)
+            scale = (updates.get(b["input_scale"], x) * updates.get(b["weight_scale"], own(b["weight_scale"]))
+                     ).astype(np.float32)
         else:
-            scale0 = own(b["scale"])
-            scale = (scale0 * factor[b["weight_scale"]]).astype(np.float32) if b["weight_scale"] else scale0
+            scale0 = scale = own(b["scale"])
+            for trained in (b["weight_scale"], b.get("activation_scale")):  # the bias follows both factors
+                scale = (scale * factor[trained]).astype(np.float32) if trained else scale
             updates[b["scale"]] = scale.reshape(scale0.shape)
         value = values[b["entry"]] if b["entry"] else dequantize(q0, scale0)
         updates[b["tensor"]] = requantize_bias(value, scale, b["tensor"]).reshape(q0.shape)
