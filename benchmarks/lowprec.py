@@ -156,6 +156,7 @@ def staircase(art, data, eps_values=(1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), coords
 
 
 RECOVERY = ["--optimizer", "cocd", "--budget", "64", "--lr=0.0003", "--eps=0.02", "--gamma=0.93", "--epochs", "6"]
+ACTIVATIONS = ["--optimizer", "cocd", "--budget", "64", "--lr=0.003", "--eps=0.05", "--gamma=0.9", "--epochs", "3"]
 
 
 def recovery(work, before):
@@ -167,12 +168,31 @@ def recovery(work, before):
                                                  "int8_folded.onnx", "int8_noise_calibrated.onnx")},
            "settings": RECOVERY}
     ct, cv, model = work / "clean_train.npz", work / "clean_test.npz", work / "int8_noise_calibrated.onnx"
-    for i, (label, selection) in enumerate((("--scales --biases", ["--scales", "--biases"]),
-                                            ("head", ["--last-layers", "1"]))):
-        r = out[label] = adapt(work, f"r{i}", model, selection, ct, cv, RECOVERY)
-        r["points_recovered"] = 100 * (r["accuracy"] - before["int8_noise_calibrated.onnx"]["clean"])
-        print(f"  recovery, int8 {label:<18} {100 * r['accuracy']:5.1f}%  {r['seconds']:6.1f} s", flush=True)
+    rows = (("--scales --biases", ["--scales", "--biases"], RECOVERY), ("head", ["--last-layers", "1"], RECOVERY),
+            ("--activation-scales", ["--activation-scales"], ACTIVATIONS))
+    for i, (label, selection, settings) in enumerate(rows):
+        r = out[label] = adapt(work, f"r{i}", model, selection, ct, cv, settings)
+        r["points_recovered"], r["settings"] = 100 * (r["accuracy"] - before["int8_noise_calibrated.onnx"]["clean"]), \
+            settings
+        print(f"  recovery, int8 {label:<20} {100 * r['accuracy']:5.1f}%  {r['seconds']:6.1f} s", flush=True)
+    out["activation_scales_set_to_recalibrated"] = oracle(work / "r2_art", model, work / "int8_folded.onnx", cv)
     return out
+
+
+def oracle(art, model, recalibrated, test):
+    """The --activation-scales artifact's accuracy with each log-factor at log(recalibrated scale / its scale): what
+    the selection can reach, whatever the optimizer."""
+    import onnx
+    from onnx import numpy_helper
+    from edgezo.runtime import load_artifact
+    scales = [{t.name: numpy_helper.to_array(t) for t in onnx.load(m).graph.initializer} for m in (model, recalibrated)]
+    artifact, data = load_artifact(art, "cpu", engine="naive"), dict(np.load(test))
+    params = artifact.initial_params()
+    for e in artifact.manifest["trainable"]:
+        name = e["name"].removesuffix("__log_factor")
+        params[e["offset"]] = np.log(scales[1][name] / scales[0][name])
+    loss, out = artifact.outputs(params, data["x"], data["target"])
+    return {"loss": loss, "accuracy": float(np.mean(out.argmax(1) == data["target"]))}
 
 
 def main():
