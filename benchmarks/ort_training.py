@@ -40,7 +40,7 @@ GRIDS = {"ORT AdamW": ("0.001", "0.003", "0.01"), "ORT SGD": ("0.01", "0.03", "0
          "edgezo CoCD": ("0.01", "0.03", "0.1"), "edgezo MeZO": ("0.003", "0.01", "0.03")}
 ZO_FLAGS = {"edgezo CoCD": ["--optimizer", "cocd", "--eps", "0.05", "--gamma", "0.95", "--budget", "64"],
             "edgezo MeZO": ["--optimizer", "mezo", "--mu", "0.01", "--directions", "64"]}
-EPOCHS = {"demo": (20, 100), "mnv3_head": (10, 40), "mnv3_bn_biases": (10, 40), "transformer_block": (10, 40)}
+EPOCHS = {"demo": (20, 100), "mnv3_head": (40, 1000), "mnv3_bn_biases": (10, 40), "transformer_block": (10, 40)}
 
 
 def run_quiet(cmd, log):

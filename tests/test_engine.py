@@ -200,3 +200,17 @@ def test_direction_probes_go_naive_where_the_first_op_trains(mlp_artifact):
     probe = MeZOSGD(art.initial_params(), lr=0.01, mu=0.01, directions=2).ask()
     art.losses(art.initial_params(), probe, {"x": x}, {"y": y})
     assert art.paths_taken() == {"naive": 4}
+
+
+def test_an_evaluation_runs_on_the_steps_base_session_and_equals_the_graphs_loss(cnn_artifact):
+    """Once the engine is built, artifact.outputs() runs on the base session the steps use (no second session or
+    arena), with the loss graph's own values within float32 rounding."""
+    fast = load_artifact(cnn_artifact, device="cpu")
+    naive = load_artifact(cnn_artifact, device="cpu", engine="naive")
+    x, y = data("cnn", 48, np.random.default_rng(1))
+    params = fast.initial_params()
+    fast.losses(params, next(probes(fast, 16, 1e-2)), x, y)
+    sessions = len(fast.fast_engine().subgraphs.sessions)
+    (loss, out), (want, want_out) = fast.outputs(params, x, y), naive.outputs(params, x, y)
+    assert len(fast.fast_engine().subgraphs.sessions) == sessions
+    assert abs(loss - want) <= 1e-6 * abs(want) and np.allclose(out, want_out, rtol=1e-5, atol=1e-6)
