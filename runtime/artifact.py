@@ -247,7 +247,8 @@ def _paths_note(routes):
         return {name: route for name, route in routes.items() if route.path is path}
 
     def ops(group):
-        found = sorted({op for route in group.values() for op in route.detail.split(", ")})
+        found = sorted({op for route in group.values() for op in route.detail.split(", ")},
+                       key=lambda op: ("(" not in op, op))  # the ones that say why first
         return ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
     generic, stacked, alone = of(Path.GENERIC), of(Path.STACKED), of(Path.OP_STACKED)
     if not generic and not stacked and not alone:
