@@ -17,6 +17,7 @@ the int8 graph (no gradient for DequantizeLinear); torch SGD trains the head of 
 accuracy a device would reach only by running float.
 """
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -127,9 +128,14 @@ def quantize_model(out):
 
         def get_next(self):
             return next(self.batches, None)
-    quantize_static(str(MODEL), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    root = logging.getLogger()  # the quantizer's advice ("consider pre-processing") goes to the root logger
+    level, root.level = root.level, logging.ERROR
+    try:
+        quantize_static(str(MODEL), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    finally:
+        root.setLevel(level)
     return out
 
 
