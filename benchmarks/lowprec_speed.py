@@ -11,12 +11,13 @@ quantizer: an int8 head) and, on int8, --scales over the whole network. Targets:
 Run it alone: other work on a 2-core machine distorts timings. Writes benchmarks/results/lowprec_speed.json.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from common import ARTIFACTS, write_json
+from common import ARTIFACTS, RESULTS, write_json
 from step_speed import forward_ms, probes_at, step_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -114,7 +115,9 @@ def main():
     for r in rows:
         print(f"{r['model']:<18} {r['precision']:<9} {r['selection']:<9} {r['auto_ms']:>9.2f} {r['naive_ms']:>9.2f} "
               f"{r['forward_ms']:>8.2f} {r['speedup_vs_naive']:>7.1f}x")
-    write_json("lowprec_speed", {"budget": 16, "rows": rows})
+    last = RESULTS / "lowprec_speed.json"  # a run of some models keeps the other models' rows
+    kept = [r for r in json.loads(last.read_text())["rows"] if r["model"] not in args.models] if last.exists() else []
+    write_json("lowprec_speed", {"budget": 16, "rows": kept + rows})
 
 
 if __name__ == "__main__":
