@@ -284,3 +284,9 @@ def test_lora_and_the_same_weight_trained_is_refused_in_one_line(qdq, tmp_path):
                    tmp_path / "art")
     assert proc.returncode == 2 and "or its LoRA adapters, not both" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "art").exists()
+
+
+def test_activation_scales_of_a_float_model_is_a_one_line_error(tmp_path):
+    proc = run_cli("export-onnx", MODEL, "--activation-scales", "--loss", "cross_entropy", "--out", tmp_path / "a")
+    assert proc.returncode == 2 and "no quantized activations" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
