@@ -207,12 +207,11 @@ class Subgraphs:
         self.inputs = [manifest["params_input"], manifest["inputs"][0]["name"]]
         self.threads, self.sessions, self.device = threads, Recent(keep), device
 
+    arena = False  # read_engine sets it for the steps (see there)
+
     def session(self, names):
-        # with an arena: the base forward runs every step at the same shapes and reuses its blocks, where glibc's
-        # heap fragmented and grew over hundreds of steps (demo head: training's rise 61 -> 43 MiB); `keep`
-        # bounds how many arenas live
         return self.sessions.get(tuple(names), lambda: cut_session(cut(self.model, self.inputs, list(names)),
-                                                                    self.device, self.threads, arena=True))
+                                                                    self.device, self.threads, arena=self.arena))
 
     def latest(self, name):
         """The output names of the most recently used session that computes `name`, or None."""
