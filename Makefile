@@ -16,7 +16,8 @@ demo: $(STAMP)
 	$(VENV)/bin/edgezo demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2  # two workers: most tests wait on subprocesses, Ray or Flower polls
+	$(PY) -m pytest -n 2 -m "not alone"  # two workers: most tests wait on subprocesses, Ray or Flower polls
+	$(PY) -m pytest -m alone  # memory measured against a tolerance: nothing beside them
 
 clean:
 	rm -rf $(VENV) runs

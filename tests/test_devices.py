@@ -49,6 +49,7 @@ def test_cuda_losses_equal_cpu(mlp_artifact):
     assert np.allclose(gpu.losses(params, probe, x, y), cpu.losses(params, probe, x, y), rtol=1e-4)
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("fixture, limit", [("mlp_artifact", 120), ("cnn_artifact", 160)])
 def test_planned_peak_matches_the_measured_one(request, fixture, limit):
     path = request.getfixturevalue(fixture)

@@ -32,6 +32,7 @@ def train(folder, art, name, *flags):
     return json.loads((folder / name / "metrics.json").read_text())
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("cap", [32])
 def test_engine_rise_beyond_naive_stays_under_the_cap(biases_case, cap):
     folder, art = biases_case
