@@ -165,8 +165,7 @@ def recovery(work, before):
     def lost(name):
         return 100 * (before["fp32.onnx"]["clean"] - before[name]["clean"])
     out = {"points_lost": {k: lost(k) for k in ("int8.onnx", "int8_per_tensor.onnx", "int8_recalibrated.onnx",
-                                                 "int8_folded.onnx", "int8_noise_calibrated.onnx")},
-           "settings": RECOVERY}
+                                                 "int8_folded.onnx", "int8_noise_calibrated.onnx")}}
     ct, cv, model = work / "clean_train.npz", work / "clean_test.npz", work / "int8_noise_calibrated.onnx"
     rows = (("--scales --biases", ["--scales", "--biases"], RECOVERY), ("head", ["--last-layers", "1"], RECOVERY),
             ("--activation-scales", ["--activation-scales"], ACTIVATIONS))

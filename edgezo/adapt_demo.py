@@ -129,7 +129,8 @@ def quantize_model(out):
         def get_next(self):
             return next(self.batches, None)
     root = logging.getLogger()  # the quantizer's advice ("consider pre-processing") goes to the root logger
-    level, root.level = root.level, logging.ERROR
+    level = root.level
+    root.setLevel(logging.ERROR)  # setLevel, not .level =: it clears the loggers' cached levels
     try:
         quantize_static(str(MODEL), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
