@@ -38,8 +38,10 @@ from ort_cases import CASES  # noqa: E402
 
 GRIDS = {"ORT AdamW": ("0.001", "0.003", "0.01"), "ORT SGD": ("0.01", "0.03", "0.1"),
          "edgezo CoCD": ("0.01", "0.03", "0.1"), "edgezo MeZO": ("0.003", "0.01", "0.03")}
-ZO_FLAGS = {"edgezo CoCD": ["--optimizer", "cocd", "--eps", "0.05", "--gamma", "0.95", "--budget", "64"],
-            "edgezo MeZO": ["--optimizer", "mezo", "--mu", "0.01", "--directions", "64"]}
+# the engine's cap as in edgezo's own demo: its default (256) trades memory for speed on deep selections
+CAP = ["--engine-memory-mb", "64"]
+ZO_FLAGS = {"edgezo CoCD": ["--optimizer", "cocd", "--eps", "0.05", "--gamma", "0.95", "--budget", "64", *CAP],
+            "edgezo MeZO": ["--optimizer", "mezo", "--mu", "0.01", "--directions", "64", *CAP]}
 EPOCHS = {"demo": (20, 100), "mnv3_head": (40, 1000), "mnv3_bn_biases": (10, 40), "transformer_block": (10, 40)}
 
 
@@ -197,18 +199,18 @@ BUDGET_MB, BUDGET_BATCHES = 256, (32, 64, 128, 256, 512, 1024)
 
 
 def memory_budget(python, work, rows, max_seconds, probe_seconds=10):
-    """Case mnv3_bn_biases at growing batch sizes: the largest batch each side (edgezo CoCD and the case's backprop
+    """Case mnv3_bn_biases at growing batch sizes: the largest batch each side (edgezo CoCD, MeZO and the case's backprop
     reference, each at its grid's best lr) fits under BUDGET_MB of rise (a short run per batch), then the accuracy
     it reaches at that batch within max_seconds of training loop."""
     case_dir = work / "mnv3_bn_biases"
     rows_n = CASES["mnv3_bn_biases"][2]
     out = {"budget_mb": BUDGET_MB, "probe_seconds": probe_seconds, "max_seconds": max_seconds}
     for side, row in rows.items():
-        if side not in ("edgezo CoCD",) and "AdamW" not in side:
+        if not side.startswith("edgezo") and "AdamW" not in side:
             continue
 
         def run(batch, seconds):
-            if side == "edgezo CoCD":
+            if side.startswith("edgezo"):
                 return edgezo_run(case_dir, side, row["lr"], 1000, batch, seconds, tag=f"_b{batch}_{seconds:g}s")
             return backprop_run(python, case_dir, side, row["lr"], seconds, max(1, rows_n // batch), batch,
                                 epochs=int(seconds * 100 * 32 / rows_n) + 1)  # ~100 steps/s at batch 32

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .memory import return_freed_memory
+from .memory import Trimmer, return_freed_memory
 from .sessions import active_device, make_session
 from . import manifest as manifest_mod
 from .errors import EdgezoError, check
@@ -46,6 +46,7 @@ class Artifact:
         if lean_memory:  # freed activations go back to the OS at once: a lower peak, some speed lost
             check(return_freed_memory(), "--lean-memory needs glibc's mallopt (Linux); this C library has none")
         self._engine, self.engine_note, self._no_engine = None, None, False
+        self.trim = Trimmer()
 
     def fast_engine(self):
         """The graph engine for this loss graph, or None (with engine_note saying why) where it does not apply."""
@@ -169,6 +170,11 @@ class Artifact:
 
     def losses(self, params, probe, inputs, targets):
         """One loss per probe row, in row order, by the fastest exact path (see runtime/engine.py)."""
+        out = self._losses(params, probe, inputs, targets)
+        self.trim()  # what the step freed goes back to the OS (memory.Trimmer)
+        return out
+
+    def _losses(self, params, probe, inputs, targets):
         self._check_params(params)
         feed = self.feeds(inputs, targets)
         engine = self.fast_engine()

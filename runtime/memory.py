@@ -1,4 +1,6 @@
-"""Process memory probes from /proc (Linux, Jetson included). No torch."""
+"""Process memory probes from /proc (Linux, Jetson included), and giving freed heap back to the OS. No torch."""
+import ctypes
+import time
 
 
 def _status_kb(field, pid="self"):
@@ -30,11 +32,8 @@ def return_freed_memory():
     stay in its per-thread heaps and the peak RSS grows to a multiple of the live data (the ResNet-20
     engine at batch 128: 356 vs 194 MiB). The cost is a page fault per new large array (about 20% on
     the SARCOS MLP engine). Process-wide; returns False where the C library is not glibc."""
-    import ctypes
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    mallopt = getattr(_libc(), "mallopt", None)
+    return bool(mallopt and mallopt(-3, 128 * 1024))  # -3: M_MMAP_THRESHOLD
 
 
 def import_runtime(engine="auto"):
@@ -43,3 +42,34 @@ def import_runtime(engine="auto"):
     import onnxruntime  # noqa: F401
     if engine != "naive":
         import onnx  # noqa: F401
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def trim_heap():
+    """glibc's malloc_trim(0): the free pages inside its heaps go back to the OS (no-op elsewhere)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+class Trimmer:
+    """glibc keeps the pages of freed allocations in its heaps (one per onnxruntime thread) for reuse, and sessions
+    made and dropped, stacked copies and activations of varying sizes fragment them: the MobileNetV3 norms+biases
+    engine held 186 MiB after 120 steps, 72 once trimmed. Calling it after each step gives those pages back with
+    malloc_trim(0), at most `share` of the time (a trim took 1.7 ms there; a cheap step trims every few steps)."""
+
+    def __init__(self, share=0.02):
+        self.share, self.next = share, 0.0
+
+    def __call__(self):
+        now = time.perf_counter()
+        if now < self.next:
+            return
+        trim_heap()
+        self.next = now + (time.perf_counter() - now) / self.share
