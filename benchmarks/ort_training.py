@@ -22,6 +22,7 @@ ORT AdamW's. Memory: edgezo CoCD's peak RSS over ORT AdamW's.
 """
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -91,15 +92,25 @@ def same_tensors_check(python, case_dir):
             "relative_difference": rel, "passed": edgezo == theirs["trainable"] and rel < 1e-4}
 
 
+def diverged(log):
+    """Whether the edgezo run that wrote `log` stopped on divergence (it then writes no metrics)."""
+    return log.exists() and "training diverged" in (log.read_text().strip().splitlines() or [""])[-1]
+
+
 def edgezo_run(case_dir, name, lr, epochs, batch, max_seconds, tag=""):
     run = case_dir / f"run_{name.split()[-1].lower()}_{lr}{tag}"
-    if not (run / "metrics.json").exists():
+    log = Path(f"{run}.log")
+    if not (run / "metrics.json").exists() and not diverged(log):
         cmd = [sys.executable, "-m", "edgezo.cli", "train", case_dir / "art", "--data", case_dir / "train.npz",
                "--val-data", case_dir / "test.npz", "--batch-size", batch, "--epochs", epochs, "--eval-every",
                max(1, CASES[case_dir.name][2] // batch), "--lr", lr, "--max-seconds", max_seconds, *ZO_FLAGS[name],
                "--out", run]
-        if run_quiet(cmd, f"{run}.log"):
-            raise RuntimeError(f"edgezo train failed: see {run}.log")
+        if run_quiet(cmd, log) and not diverged(log):
+            raise RuntimeError(f"edgezo train failed: see {log}")
+    if diverged(log):  # the guard stopped it (10 rollbacks in a row): a grid point that lost
+        lines = log.read_text().splitlines()
+        seen = [float(a) / 100 for line in lines for a in re.findall(r"val acc ([0-9.]+)%", line)]
+        return {"diverged": lines[-1], "evals": [], "best_before_divergence": max(seen, default=None)}
     m = json.loads((run / "metrics.json").read_text())
     evals = [{"step": e["step"], "seconds": e["seconds"], "loss": e["val_loss"], "accuracy": e["val_accuracy"]}
              for e in m["evals"]]
@@ -129,9 +140,14 @@ def backprop_run(python, case_dir, side, lr, max_seconds, every, batch=None, epo
 
 
 def best_of(grid):
-    lr = max(grid, key=lambda k: max(e["accuracy"] for e in grid[k]["evals"]))
-    return dict(grid[lr], lr=lr, best_accuracy=max(e["accuracy"] for e in grid[lr]["evals"]),
-                grid={k: max(e["accuracy"] for e in v["evals"]) for k, v in grid.items()})
+    """The grid point with the best accuracy; one that diverged (no metrics) counts as lost, "diverged" in grid."""
+    def best(v):
+        return max((e["accuracy"] for e in v["evals"]), default=-1.0)
+    lr = max(grid, key=lambda k: best(grid[k]))
+    if not grid[lr]["evals"]:
+        raise RuntimeError(f"every grid point diverged: {grid[lr]['diverged']}")
+    return dict(grid[lr], lr=lr, best_accuracy=best(grid[lr]),
+                grid={k: best(v) if v["evals"] else f"diverged ({v['diverged']})" for k, v in grid.items()})
 
 
 def reach(row, target):
