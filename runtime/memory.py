@@ -62,9 +62,11 @@ class Trimmer:
     """glibc keeps the pages of freed allocations in its heaps (one per onnxruntime thread) for reuse, and sessions
     made and dropped, stacked copies and activations of varying sizes fragment them: the MobileNetV3 norms+biases
     engine held 186 MiB after 120 steps, 72 once trimmed. Calling it after each step gives those pages back with
-    malloc_trim(0), at most `share` of the time (a trim took 1.7 ms there; a cheap step trims every few steps)."""
+    malloc_trim(0), at most `share` of the time (a trim took 1.7 ms there). The pages it gives back are faulted in
+    again when reused, which its own timer does not see: at 2% the transformer's int8 --scales step ran 5-10% slower,
+    at 0.5% no slower, and the norms+biases rise at --engine-memory-mb 64 was the same (134 vs 138 MiB)."""
 
-    def __init__(self, share=0.02):
+    def __init__(self, share=0.005):
         self.share, self.next = share, 0.0
 
     def __call__(self):
