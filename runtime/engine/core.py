@@ -65,8 +65,10 @@ class GraphEngine(StepEngine):
         self.routes = {j: self._route(op) for j, op in enumerate(ops) if op.params}
 
     def limit_memory(self, mb):
-        """One budget for what steps add: half for a chunk of copies, 3/8 for suffix sessions, 1/8 for op sessions."""
-        self.memory_bytes = mb * 2 ** 19
+        """One budget for what steps add: half for a chunk of copies, 3/8 for suffix sessions, 1/8 for op sessions.
+        The chunk's half is rounded down to a power of two MiB: the chunk sets how copies stack, which moves losses by
+        an ulp, and mb is what a measured build left, so it must not follow RSS noise."""
+        self.memory_bytes = 2.0 ** np.floor(np.log2(max(mb, 2 ** -10) / 2)) * 2 ** 20
         self._suffixes.limit(mb * 3 / 8)
         self._op_sessions.limit(mb / 8)
 
