@@ -1,5 +1,6 @@
 """Process memory probes from /proc (Linux, Jetson included), and giving freed heap back to the OS. No torch."""
 import ctypes
+import functools
 import time
 
 
@@ -44,6 +45,7 @@ def import_runtime(engine="auto"):
         import onnx  # noqa: F401
 
 
+@functools.cache  # loaded once: the trimmer calls it after training steps
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")

@@ -39,7 +39,6 @@ def test_engine_rise_beyond_naive_stays_under_the_cap(biases_case, cap):
     naive = train(folder, art, f"naive{cap}", "--engine", "naive")
     capped = train(folder, art, f"cap{cap}", "--engine-memory-mb", str(cap))
     extra = capped["rss_rise_mb"] - naive["rss_rise_mb"]
-    print(f"cap {cap}: naive rise {naive['rss_rise_mb']:.1f}, engine {capped['engine']} rise {capped['rss_rise_mb']:.1f}")
     assert extra <= cap + ONE_SESSION_MB, (extra, capped["engine_note"])
     if capped["engine"] == "naive":  # it says why: the build went past the cap, or it was no faster
         assert "fast engine not used" in capped["engine_note"] and str(cap) in capped["engine_note"]

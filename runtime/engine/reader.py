@@ -135,7 +135,7 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     rng = np.random.default_rng(0)
     a0 = rng.standard_normal([3] + list(manifest["inputs"][0]["shape"][1:])).astype(dtype)
     budget.check()
-    engine._suffixes.limit(0)  # the build checks each layer's suffix once: keep none beyond the last two
+    engine.limit_memory(0)  # the build checks each layer's suffix once: no session kept beyond the last two
     check_stacking(engine, a0, budget.check)
     scores = probe[output]
     check_loss(engine, subgraphs, (scores + rng.standard_normal(scores.shape)).astype(scores.dtype), rng)
