@@ -39,7 +39,11 @@ def return_freed_memory():
 
 def import_runtime(engine="auto"):
     """Import what training needs before a post-import baseline is read: onnxruntime, and onnx where the engine
-    may cut graphs (15 MiB); a rise then counts what training holds, as for other runtimes after their imports."""
+    may cut graphs (15 MiB), and the numpy modules that numpy 2 imports on first use (numpy.random 5.6 MiB: the
+    optimizers' and the engine's generators; numpy.ma 1 MiB: np.unique); a rise then counts what training holds, as
+    for other runtimes after their imports."""
+    import numpy.ma  # noqa: F401
+    import numpy.random  # noqa: F401
     import onnxruntime  # noqa: F401
     if engine != "naive":
         import onnx  # noqa: F401

@@ -167,3 +167,14 @@ def test_write_that_fails_midway(ctx):
     assert "cannot write" in proc.stderr and "params.npy" in proc.stderr
     left = sorted(p.name for p in (ctx["tmp"] / "run").iterdir())
     assert left == ["config.json"]  # written whole before training; no params.npy, no temp file
+
+
+def test_non_finite_rows_are_found_across_chunks():
+    """The NaN/inf check runs a chunk of rows at a time (no whole-array mask on the peak): every bad row is found,
+    in order, wherever the chunk boundaries fall."""
+    from edgezo.runtime.data import _non_finite_rows
+    value = np.zeros((37, 3, 5), np.float32)
+    for row, v in ((0, np.nan), (14, np.inf), (15, -np.inf), (36, np.nan)):
+        value[row, 1, 2] = v
+    for chunk_bytes in (1, 15, 16, 100, 1 << 20):
+        assert _non_finite_rows(value, chunk_bytes) == [0, 14, 15, 36]

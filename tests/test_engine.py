@@ -214,3 +214,35 @@ def test_an_evaluation_runs_on_the_steps_base_session_and_equals_the_graphs_loss
     (loss, out), (want, want_out) = fast.outputs(params, x, y), naive.outputs(params, x, y)
     assert len(fast.fast_engine().subgraphs.sessions) == sessions
     assert abs(loss - want) <= 1e-6 * abs(want) and np.allclose(out, want_out, rtol=1e-5, atol=1e-6)
+
+
+def test_the_main_session_is_released_once_the_engine_serves_and_made_again_for_a_naive_call(cnn_artifact):
+    """With the engine built, steps and evaluations run on its sessions: the artifact's own session of loss.onnx is
+    dropped (memory), and a call that needs it (loss()) makes it again, with the loss graph's value."""
+    fast = load_artifact(cnn_artifact, device="cpu")
+    naive = load_artifact(cnn_artifact, device="cpu", engine="naive")
+    x, y = data("cnn", 16, np.random.default_rng(2))
+    params = fast.initial_params()
+    assert fast.fast_engine() is not None and fast._session is None
+    assert fast.loss(params, x, y) == naive.loss(params, x, y) and fast._session is not None
+
+
+def test_direction_probes_share_the_steps_base_session(tmp_path):
+    """On a head, a direction probe (MeZO) reads the frozen part from the same session as the coordinate steps and
+    the evaluations (one session, not one more of the whole frozen part), with the naive path's losses."""
+    import torch
+    from edgezo.exporters import export_module
+    from edgezo.exporters.models import mnist_cnn
+    from edgezo.runtime.optim import MeZOSGD
+    torch.manual_seed(0)
+    export_module(mnist_cnn(), torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), "cross_entropy",
+                  tmp_path / "head", trainable=["9.weight", "9.bias"])
+    fast = load_artifact(tmp_path / "head", device="cpu")
+    naive = load_artifact(tmp_path / "head", device="cpu", engine="naive")
+    x, y = data("cnn", 16, np.random.default_rng(3))
+    params = fast.initial_params()
+    probe = MeZOSGD(params, lr=0.01, mu=0.01, directions=3).ask()
+    fast.outputs(params, x, y)
+    got, want = fast.losses(params, probe, x, y), naive.losses(params, probe, x, y)
+    assert fast.paths_taken() == {"prefix": 6} and len(fast.fast_engine().subgraphs.sessions) == 1
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -237,7 +237,10 @@ class GraphEngine(StepEngine):
             raise Unsupported("direction probes: the first op reads the params (no frozen part to share)")
         session, extra = self.suffix(starts)
         x = np.ascontiguousarray(params, np.float32)
-        feed = self.cuts.run(sorted(set(starts) | set(extra)), x, np.ascontiguousarray(a0, self.input_dtype))
+        # the scores too: for a head the steps' base session (made by the build) is this one, and evaluations use it
+        feed = self.cuts.run(sorted(set(starts) | set(extra) | {self.output}), x,
+                             np.ascontiguousarray(a0, self.input_dtype))
+        feed = {name: feed[name] for name in set(starts) | set(extra)}
         out = np.empty(len(probe))
         for row in range(len(probe)):
             feed[self.manifest["params_input"]] = perturbed(x, probe, row)
