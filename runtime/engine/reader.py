@@ -144,6 +144,7 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     # where glibc's heap fragmented, demo training's rise 61 -> 43 MiB); where the steps walk many layers, each
     # with its own base session, the arenas held more (transformer last block: 175 vs 158 MiB)
     subgraphs.arena = len(engine.routes) <= 2
-    subgraphs.session(engine.base_names([int(engine.owner[0])]))  # the first step's, made while no data is loaded
+    if base is not None:  # the first step's base session, made while no data is loaded (run.prepare)
+        subgraphs.session(engine.base_names([int(engine.owner[0])]))
     engine.limit_memory(max(memory_mb - budget.grown(), 1.0))  # what the build holds: the rest is for steps
     return engine
