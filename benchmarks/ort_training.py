@@ -220,6 +220,11 @@ def long_runs(case, case_dir, max_seconds):
     for side in ZO_FLAGS:
         row = case["rows"][side]
         run = edgezo_run(case_dir, side, row["lr"], 1000, case["batch"], max_seconds, tag=f"_{max_seconds:g}s")
+        if "diverged" in run:  # the guard stopped it: no metrics.json, the log's epoch lines only
+            out[side] = {"lr": row["lr"], "diverged": run["diverged"], "best_accuracy": run["best_before_divergence"]}
+            print(f"[{case_dir.name}] {side} at lr {row['lr']}, {max_seconds:g} s: {run['diverged']} (best before: "
+                  f"{100 * (run['best_before_divergence'] or 0):.1f}%)", flush=True)
+            continue
         got = reach(run, r["target_accuracy"])
         out[side] = {"lr": row["lr"], "best_accuracy": max(e["accuracy"] for e in run["evals"]),
                      "rss_rise_mb": run["rss_rise_mb"], "peak_rss_mb": run["peak_rss_mb"],
@@ -293,10 +298,11 @@ def markdown(results):
     for name, case in results["cases"].items():
         long = case.get("long_runs")
         if long:
-            said = [f"{side} (lr {v['lr']}) best {100 * v['best_accuracy']:.1f}%, " +
-                    (f"target at step {v['steps_to_target']}, {v['seconds_to_target']:.0f} s "
-                     f"({v['time_to_accuracy_ratio']:.1f}x)" if "seconds_to_target" in v else "target not reached")
-                    + f", rise {v['rss_rise_mb']:.0f} MiB" for side, v in long.items() if isinstance(v, dict)]
+            said = [f"{side} (lr {v['lr']}) best {100 * v['best_accuracy']:.1f}%, " + (
+                f"then {v['diverged'].removeprefix('edgezo: error: ')}" if "diverged" in v else
+                (f"target at step {v['steps_to_target']}, {v['seconds_to_target']:.0f} s "
+                 f"({v['time_to_accuracy_ratio']:.1f}x)" if "seconds_to_target" in v else "target not reached")
+                + f", rise {v['rss_rise_mb']:.0f} MiB") for side, v in long.items() if isinstance(v, dict)]
             lines.append(f"\n{name}, forward-only re-run at its best lr capped at {long['max_seconds']:.0f} s: "
                          + "; ".join(said) + ".")
     return "\n".join(lines)
