@@ -81,17 +81,8 @@ def train_model(out, epochs=2):
 
 def quantize(source, out, x, per_channel):
     """int8 QDQ of `source` calibrated on the rows x."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"x": x[i:i + 32]} for i in range(0, len(x), 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    from edgezo.exporters.quantize import quantize_static_int8
+    quantize_static_int8(source, out, [{"x": x[i:i + 32]} for i in range(0, len(x), 32)], per_channel)
 
 
 def accuracy(model_path, data):

@@ -36,22 +36,14 @@ def model_files(model, size):
     shape = __import__("onnx").load(files["fp32"]).graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value for d in shape[1:]]
     if not files["int8"].exists():
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
+        from edgezo.exporters.quantize import quantize_static_int8
         rng = np.random.default_rng(0)
         # onnxruntime's advice, and needed here: without it the legacy exporter's Transpose(weight) before each
         # MatMul stays an activation, quantized per tensor at run time, and the weights stay float
         quant_pre_process(str(files["fp32"]), str(folder / "fp32_preprocessed.onnx"))
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.batches = iter([{"x": rng.standard_normal((16, *shape)).astype(np.float32)} for _ in range(4)])
-
-            def get_next(self):
-                return next(self.batches, None)
-        quantize_static(str(folder / "fp32_preprocessed.onnx"), str(files["int8"]), Reader(),
-                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        quantize_static_int8(folder / "fp32_preprocessed.onnx", files["int8"],
+                             [{"x": rng.standard_normal((16, *shape)).astype(np.float32)} for _ in range(4)])
     if not files["fp16"].exists():
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16

@@ -17,7 +17,6 @@ the int8 graph (no gradient for DequantizeLinear); torch SGD trains the head of 
 accuracy a device would reach only by running float.
 """
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -119,25 +118,9 @@ def plot(methods, path, epochs):
 
 def quantize_model(out):
     """The demo model as a device runs it: int8 QDQ, per channel, calibrated on 256 MNIST digits."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from .exporters.quantize import quantize_static_int8
     x, _ = load_idx_pair(FASHION.parent / "mnist" / "train-images-idx3-ubyte.gz")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"image": x[i:i + 32]} for i in range(0, 256, 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-    root = logging.getLogger()  # the quantizer's advice ("consider pre-processing") goes to the root logger
-    level = root.level
-    root.setLevel(logging.ERROR)  # setLevel, not .level =: it clears the loggers' cached levels
-    try:
-        quantize_static(str(MODEL), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    finally:
-        root.setLevel(level)
-    return out
+    return quantize_static_int8(MODEL, out, [{"image": x[i:i + 32]} for i in range(0, 256, 32)])
 
 
 def deployed_accuracy(path, test):

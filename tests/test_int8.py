@@ -24,19 +24,10 @@ FORMS = {"per_channel_symmetric": dict(per_channel=True, weight="QInt8", activat
 
 
 def quantize(path, per_channel, weight, activation, symmetric, form="QDQ"):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from edgezo.exporters.quantize import quantize_static_int8
     x, _ = load_idx_pair(DATASETS / "mnist" / "t10k-images-idx3-ubyte.gz")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"image": x[i:i + 32]} for i in range(0, 256, 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-    quantize_static(str(MODEL), str(path), Reader(), quant_format=getattr(QuantFormat, form), per_channel=per_channel,
-                    weight_type=getattr(QuantType, weight), activation_type=getattr(QuantType, activation),
-                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric})
-    return path
+    return quantize_static_int8(MODEL, path, [{"image": x[i:i + 32]} for i in range(0, 256, 32)], per_channel,
+                                weight, activation, symmetric, form)
 
 
 @pytest.fixture(scope="module", params=list(FORMS))
