@@ -267,7 +267,9 @@ def memory_budget(python, work, rows, max_seconds, probe_seconds=10):
         if fitting:
             final = run(max(fitting), max_seconds)
             entry.update(accuracy=max(e["accuracy"] for e in final["evals"]), rss_rise_mb=final["rss_rise_mb"],
-                         seconds=final["evals"][-1]["seconds"], steps=final["evals"][-1]["step"])
+                         seconds=final["evals"][-1]["seconds"], steps=final["evals"][-1]["step"],
+                         # a short probe misses what a long run accumulates (CoCD's sessions over a cycle)
+                         within_budget=final["rss_rise_mb"] <= BUDGET_MB)
             print(f"[budget] {side}: batch {entry['largest_batch']}, {100 * entry['accuracy']:.1f}% in "
                   f"{entry['seconds']:.0f} s", flush=True)
         out[side] = entry
