@@ -69,10 +69,14 @@ class Artifact:
             from .engine import DeviceEngine
             self._engine = DeviceEngine(self._engine, self.device)
         self.engine_note = _paths_note(self._engine.tensor_routes())
-        if getattr(self._engine, "subgraphs", None) is not None and self._engine.output == self.output_names[1]:
+        if self._engine_evaluates(self._engine):
             self._session = None  # the engine's sessions answer steps and evaluations (2.3 MiB less on a
             trim_heap()  # MobileNetV3 head); a naive evaluation makes it again
         return self._engine
+
+    def _engine_evaluates(self, engine):
+        """Whether the engine's base session computes the model output the loss reads (then it answers outputs())."""
+        return getattr(engine, "subgraphs", None) is not None and engine.output == self.output_names[1]
 
     @property
     def session(self):
@@ -171,7 +175,7 @@ class Artifact:
         arena of a forward's activations beside the engine's."""
         self._check_params(params)
         feed, engine = self.feeds(inputs, targets), self._engine
-        if getattr(engine, "subgraphs", None) is not None and engine.output == self.output_names[1]:
+        if self._engine_evaluates(engine):
             return engine.evaluate(np.ascontiguousarray(params, np.float32), feed[self.input_names[0]],
                                    feed[self.target_names[0]])
         loss, out = self._run(params, feed, ("loss", self.output_names[1]))

@@ -165,13 +165,17 @@ class GraphEngine(StepEngine):
         """The activations a step of these ops reads: onnxruntime frees the others as it goes."""
         return sorted(set().union({self.output}, *(self.needs(j) for j in owners)) - {self.input_name})
 
+    def first_base_names(self):
+        """The activations the first trainable op's steps read (the base session a run starts with)."""
+        return self.base_names([int(self.owner[0])])
+
     def scores(self, acts):
         return acts[self.output]
 
     def evaluate(self, x, a0, y):
         """(mean loss, scores) at params x by the steps' base session (the latest, or the first step's), so that
         an evaluation adds no session and no arena of its own."""
-        names = self.subgraphs.latest(self.output) or self.base_names([int(self.owner[0])])
+        names = self.subgraphs.latest(self.output) or self.first_base_names()
         scores = self.subgraphs.run(names, x, a0)[self.output]
         return float(self.sample_losses(scores, y).mean()), scores
 
@@ -237,10 +241,10 @@ class GraphEngine(StepEngine):
             raise Unsupported("direction probes: the first op reads the params (no frozen part to share)")
         session, extra = self.suffix(starts)
         x = np.ascontiguousarray(params, np.float32)
+        needed = set(starts) | set(extra)
         # the scores too: for a head the steps' base session (made by the build) is this one, and evaluations use it
-        feed = self.cuts.run(sorted(set(starts) | set(extra) | {self.output}), x,
-                             np.ascontiguousarray(a0, self.input_dtype))
-        feed = {name: feed[name] for name in set(starts) | set(extra)}
+        feed = self.cuts.run(sorted(needed | {self.output}), x, np.ascontiguousarray(a0, self.input_dtype))
+        feed = {name: feed[name] for name in needed}
         out = np.empty(len(probe))
         for row in range(len(probe)):
             feed[self.manifest["params_input"]] = perturbed(x, probe, row)

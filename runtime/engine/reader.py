@@ -145,6 +145,6 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     # with its own base session, the arenas held more (transformer last block: 175 vs 158 MiB)
     subgraphs.arena = len(engine.routes) <= 2
     if base is not None:  # the first step's base session, made while no data is loaded (run.prepare)
-        subgraphs.session(engine.base_names([int(engine.owner[0])]))
+        subgraphs.session(engine.first_base_names())
     engine.limit_memory(max(memory_mb - budget.grown(), 1.0))  # what the build holds: the rest is for steps
     return engine
