@@ -28,6 +28,7 @@ import numpy as np
 
 from ..loss import per_sample_losses, scores_name
 from ..probes import perturbed
+from .fanout import Fanout, cpu_workers
 from .graph import Recent, Unsupported, cut, cut_session, downstream, frozen_frontier, subgraph_inputs
 from .ops import Mode, splice, take_block
 from .step import Path, Route, StepEngine
@@ -59,6 +60,8 @@ class GraphEngine(StepEngine):
             for name in op.inputs:
                 self.consumers.setdefault(name, []).append(op)
         self._downstream, self._needs, self._frontier = {}, {}, None
+        on_cpu = cuts is not None and cuts.device == "cpu"
+        self.fan = Fanout(cpu_workers(cuts.threads) if on_cpu else 1)  # per-probe calls side by side (fanout.py)
         # cut sessions kept under the memory cap (as the stacked copies are): a step uses one or two layers'
         self._suffixes, self._op_sessions = Recent(SESSIONS_KEPT), Recent(SESSIONS_KEPT)
         self.limit_memory(memory_mb)
@@ -128,18 +131,28 @@ class GraphEngine(StepEngine):
 
         def make():
             model, extra = self.suffix_model(starts)
-            session, mb = cut_session(model, self.cuts.device, self.cuts.threads)
+            session, mb = self.probe_session(model)
             return (session, extra), mb
         return self._suffixes.get(starts, make)
 
+    def probe_session(self, model):
+        """(a session of a cut for per-probe calls, its estimated MiB): single-threaded where the fanout runs
+        several calls side by side, allocating from the shared arena on the CPU."""
+        threads = 1 if self.fan.workers > 1 else self.cuts.threads
+        return cut_session(model, self.cuts.device, threads, arena="shared" if self.cuts.device == "cpu" else False)
+
     def run_suffix(self, start, rows, acts, sample, x):
         """Scores of the changed (copy, sample) rows [k, ...] of `start`, stacked on the batch axis; the other
-        activations the suffix reads are the base ones of the same samples."""
+        activations the suffix reads are the base ones of the same samples. The rows are split between the
+        fanout's calls."""
         session, extra = self.suffix(start)
-        feed = {self.manifest["params_input"]: x, start: np.ascontiguousarray(rows)}
-        for name in extra:
-            feed[name] = acts[name][sample]
-        return session.run(None, feed)[0]
+
+        def run(part):
+            feed = {self.manifest["params_input"]: x, start: np.ascontiguousarray(rows[part])}
+            for name in extra:
+                feed[name] = acts[name][sample[part]]
+            return session.run(None, feed)[0]
+        return self.fan.split(len(rows), run)
 
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None, device="cpu"):
@@ -203,31 +216,70 @@ class GraphEngine(StepEngine):
         not rerun) with that coordinate moved."""
         starts = self.generic_starts(op)
         session, extra = self.suffix(starts)
-        feed = {name: acts[name] for name in list(starts) + extra}
-        out, moved = np.empty(len(index)), x.copy()
-        for r, (i, d) in enumerate(zip(index, delta)):
-            moved[i] = x[i] + d
-            feed[self.manifest["params_input"]] = moved
-            out[r] = self.sample_losses(session.run(None, feed)[0], y).mean()
-            moved[i] = x[i]
-        return out
+        base = {name: acts[name] for name in list(starts) + extra}
+
+        def run(part):
+            feed, moved, out = dict(base), x.copy(), []
+            for i, d in zip(index[part], delta[part]):
+                moved[i] = x[i] + d
+                feed[self.manifest["params_input"]] = moved
+                out.append(self.sample_losses(session.run(None, feed)[0], y).mean())
+                moved[i] = x[i]
+            return np.array(out, np.float64)
+        return self.fan.split(len(index), run)
 
     def _op_copies(self, op, x, acts, index, delta):
         """dense(rows) for OP_STACKED: the op's output per perturbation, onnxruntime running the op alone (and the
         weight-side nodes that compute its inputs from the params) on the base activations."""
-        session = self._op_sessions.get(op.output, lambda: cut_session(
-            cut(self.cuts.model, [self.manifest["params_input"], *op.inputs], [op.output]), self.cuts.device,
-            self.cuts.threads))
-        feed = {name: acts[name] for name in op.inputs}
+        dense = self._matmul_copies(op, x, acts, index, delta) if self._weight_side_matmul(op) else None
+        if dense is not None:
+            return dense
+        session = self._op_sessions.get(op.output, lambda: self.probe_session(
+            cut(self.cuts.model, [self.manifest["params_input"], *op.inputs], [op.output])))
+        base = {name: acts[name] for name in op.inputs}
 
         def dense(rows):
-            moved, out = x.copy(), []
-            for i, d in zip(index[rows], delta[rows]):
+            def run(part):
+                feed, moved, out = dict(base), x.copy(), []
+                for i, d in zip(index[rows][part], delta[rows][part]):
+                    moved[i] = x[i] + d
+                    feed[self.manifest["params_input"]] = moved
+                    out.append(session.run(None, feed)[0])
+                    moved[i] = x[i]
+                return np.stack(out)
+            return self.fan.split(len(rows), run)
+        return dense
+
+    def _weight_side_matmul(self, op):
+        """A MatMul of one activation by a weight that the params compute (a quantized weight: int8 values
+        dequantized at trained scales)."""
+        node = op.node
+        return (node.op_type == "MatMul" and len(node.input) == 2 and list(op.inputs) == [node.input[0]]
+                and self.kinds.get(node.input[1]) == "param")
+
+    def _matmul_copies(self, op, x, acts, index, delta):
+        """dense(rows) for a _weight_side_matmul: onnxruntime computes the weight from the moved params (as the loss
+        graph does); the copy is the base output with the weight's changed columns recomputed (activation @ those
+        columns), not a whole MatMul per perturbation (the int8 transformer's --scales: 0.35 ms a copy -> 0.05).
+        None where the weight is not 2-D (a batched MatMul)."""
+        a, w_name = op.node.input
+        params = self.manifest["params_input"]
+        session = self._op_sessions.get((op.output, w_name), lambda: self.probe_session(
+            cut(self.cuts.model, [params], [w_name])))
+        w0 = session.run(None, {params: x})[0]
+        if w0.ndim != 2:
+            return None
+        activation, base = acts[a], acts[op.output]
+
+        def dense(rows):
+            out, moved = np.repeat(base[None], len(rows), axis=0), x.copy()
+            for r, (i, d) in enumerate(zip(index[rows], delta[rows])):
                 moved[i] = x[i] + d
-                feed[self.manifest["params_input"]] = moved
-                out.append(session.run(None, feed)[0])
+                w = session.run(None, {params: moved})[0]
                 moved[i] = x[i]
-            return np.stack(out)
+                columns = np.flatnonzero((w != w0).any(axis=0))
+                out[r][..., columns] = activation @ w[:, columns]
+            return out
         return dense
 
     def direction_losses(self, params, probe, a0, y):
@@ -244,12 +296,15 @@ class GraphEngine(StepEngine):
         needed = set(starts) | set(extra)
         # the scores too: for a head the steps' base session (made by the build) is this one, and evaluations use it
         feed = self.cuts.run(sorted(needed | {self.output}), x, np.ascontiguousarray(a0, self.input_dtype))
-        feed = {name: feed[name] for name in needed}
-        out = np.empty(len(probe))
-        for row in range(len(probe)):
-            feed[self.manifest["params_input"]] = perturbed(x, probe, row)
-            out[row] = self.sample_losses(session.run(None, feed)[0], y).mean()
-        return out
+        base = {name: feed[name] for name in needed}
+
+        def run(part):
+            out = []
+            for row in range(len(probe))[part]:
+                feed = dict(base, **{self.manifest["params_input"]: perturbed(x, probe, row)})
+                out.append(self.sample_losses(session.run(None, feed)[0], y).mean())
+            return np.array(out, np.float64)
+        return self.fan.split(len(probe), run)
 
     @staticmethod
     def generic_starts(op):
