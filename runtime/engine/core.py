@@ -152,7 +152,7 @@ class GraphEngine(StepEngine):
             for name in extra:
                 feed[name] = acts[name][sample[part]]
             return session.run(None, feed)[0]
-        return self.fan.split(len(rows), run)
+        return self.fan.split(len(rows), run, len(rows) * self.sample_bytes)
 
     @classmethod
     def build(cls, model_path, manifest, propagate=True, memory_mb=256, threads=None, device="cpu"):
@@ -226,7 +226,7 @@ class GraphEngine(StepEngine):
                 out.append(self.sample_losses(session.run(None, feed)[0], y).mean())
                 moved[i] = x[i]
             return np.array(out, np.float64)
-        return self.fan.split(len(index), run)
+        return self.fan.split(len(index), run, len(index) * len(y) * self.sample_bytes)
 
     def _op_copies(self, op, x, acts, index, delta):
         """dense(rows) for OP_STACKED: the op's output per perturbation, onnxruntime running the op alone (and the
@@ -237,6 +237,7 @@ class GraphEngine(StepEngine):
         session = self._op_sessions.get(op.output, lambda: self.probe_session(
             cut(self.cuts.model, [self.manifest["params_input"], *op.inputs], [op.output])))
         base = {name: acts[name] for name in op.inputs}
+        base_bytes = acts[op.output].nbytes + sum(v.nbytes for v in base.values())
 
         def dense(rows):
             def run(part):
@@ -247,7 +248,7 @@ class GraphEngine(StepEngine):
                     out.append(session.run(None, feed)[0])
                     moved[i] = x[i]
                 return np.stack(out)
-            return self.fan.split(len(rows), run)
+            return self.fan.split(len(rows), run, len(rows) * base_bytes)
         return dense
 
     def _weight_side_matmul(self, op):
@@ -304,7 +305,7 @@ class GraphEngine(StepEngine):
                 feed = dict(base, **{self.manifest["params_input"]: perturbed(x, probe, row)})
                 out.append(self.sample_losses(session.run(None, feed)[0], y).mean())
             return np.array(out, np.float64)
-        return self.fan.split(len(probe), run)
+        return self.fan.split(len(probe), run, len(probe) * len(y) * self.sample_bytes)
 
     @staticmethod
     def generic_starts(op):
