@@ -55,7 +55,8 @@ class RunConfig:
     seed: int = _flag("data order, validation split and direction seeds", default=0)
     device: str = _flag("where onnxruntime runs; cuda fails clearly unless its provider is really active",
                         default="auto", choices=("auto", "cpu", "cuda"))
-    threads: int = _flag("onnxruntime threads (fixed, so results do not depend on the machine's load)", default=2)
+    threads: int = _flag("onnxruntime threads (fixed, so results do not depend on the machine's load): a call's "
+                         "intra-op threads, and how many of the engine's per-probe calls run side by side", default=2)
     backend: str = _flag("onnxruntime (loss.onnx, torch-free) or executorch (model.pte; its runtime needs torch)",
                          default="onnxruntime", choices=("onnxruntime", "executorch"))
     engine: str = _flag("how a probe's losses are evaluated: auto (fastest exact path: prefix reuse and delta "
