@@ -9,6 +9,7 @@ import pytest
 import deployed  # benchmarks/deployed.py (conftest puts benchmarks/ on the path)
 from edgezo.exporters.onnx_import import export_onnx
 from edgezo.runtime import load_artifact
+from edgezo.runtime.engine.op_copies import matmul_copies, op_copies, weight_side_matmul
 from edgezo.runtime.optim import CoCD
 
 # A step's loss from the engine and from the naive path may differ by one activation rounding: the naive loss graph
@@ -52,7 +53,7 @@ def test_scales_steps_equal_naive_within_int8_rounding(transformer_int8):
     assert fast.paths_taken().get("op-stacked", 0) > 0 and "naive" not in fast.paths_taken()
     engine = fast.fast_engine()
     assert engine.fan.workers == 2
-    assert any(engine._weight_side_matmul(op) for op in engine.ops if op.params)
+    assert any(weight_side_matmul(engine, op) for op in engine.ops if op.params)
 
 
 def test_fanout_and_matmul_columns_give_what_the_plain_calls_give(transformer_int8, monkeypatch):
@@ -68,16 +69,14 @@ def test_fanout_and_matmul_columns_give_what_the_plain_calls_give(transformer_in
     engine = fanned.fast_engine()
     x, a0 = params, feed["x"]
     for j, op in enumerate(engine.ops):
-        if not (op.params and engine._weight_side_matmul(op)):
+        if not (op.params and weight_side_matmul(engine, op)):
             continue
         acts = engine.base(x, a0, [j])
         entry = next(iter(op.params.values()))
         index = entry["offset"] + np.array([0, entry["size"] - 1, 0])
         delta = np.array([0.05, -0.05, -0.05], np.float32)
         rows = np.arange(3)
-        columns = engine._matmul_copies(op, x, acts, index, delta)(rows)
-        engine._weight_side_matmul = lambda op: False  # the whole op per perturbation, onnxruntime alone
-        whole = engine._op_copies(op, x, acts, index, delta)(rows)
-        del engine._weight_side_matmul
+        columns = matmul_copies(engine, op, x, acts, index, delta)(rows)
+        whole = op_copies(engine, op, x, acts, index, delta, columns=False)(rows)  # onnxruntime runs the op alone
         np.testing.assert_allclose(columns, whole, rtol=1e-5, atol=1e-6)
         assert not np.array_equal(columns[0], acts[op.output]) and not np.array_equal(columns[0], columns[1])

@@ -30,6 +30,7 @@ from ..loss import per_sample_losses, scores_name
 from ..probes import perturbed
 from .fanout import Fanout, cpu_workers
 from .graph import Recent, Unsupported, cut, cut_session, downstream, frozen_frontier, subgraph_inputs
+from .op_copies import op_copies
 from .ops import Mode, splice, take_block
 from .step import Path, Route, StepEngine
 
@@ -197,7 +198,7 @@ class GraphEngine(StepEngine):
         if self.routes[j].path is Path.GENERIC:
             return self._generic_losses(op, x, acts, index, delta, y)
         if self.routes[j].path is Path.OP_STACKED:
-            return self._dense_losses(op.output, x, acts, self._op_copies(op, x, acts, index, delta), len(index), y)
+            return self._dense_losses(op.output, x, acts, op_copies(self, op, x, acts, index, delta), len(index), y)
         result = np.empty(len(index))
         for role, entry, mine in self.roles_of(op, index):
             element = index[mine] - entry["offset"]
@@ -227,61 +228,6 @@ class GraphEngine(StepEngine):
                 moved[i] = x[i]
             return np.array(out, np.float64)
         return self.fan.split(len(index), run, len(index) * len(y) * self.sample_bytes)
-
-    def _op_copies(self, op, x, acts, index, delta):
-        """dense(rows) for OP_STACKED: the op's output per perturbation, onnxruntime running the op alone (and the
-        weight-side nodes that compute its inputs from the params) on the base activations."""
-        dense = self._matmul_copies(op, x, acts, index, delta) if self._weight_side_matmul(op) else None
-        if dense is not None:
-            return dense
-        session = self._op_sessions.get(op.output, lambda: self.probe_session(
-            cut(self.cuts.model, [self.manifest["params_input"], *op.inputs], [op.output])))
-        base = {name: acts[name] for name in op.inputs}
-        base_bytes = acts[op.output].nbytes + sum(v.nbytes for v in base.values())
-
-        def dense(rows):
-            def run(part):
-                feed, moved, out = dict(base), x.copy(), []
-                for i, d in zip(index[rows][part], delta[rows][part]):
-                    moved[i] = x[i] + d
-                    feed[self.manifest["params_input"]] = moved
-                    out.append(session.run(None, feed)[0])
-                    moved[i] = x[i]
-                return np.stack(out)
-            return self.fan.split(len(rows), run, len(rows) * base_bytes)
-        return dense
-
-    def _weight_side_matmul(self, op):
-        """A MatMul of one activation by a weight that the params compute (a quantized weight: int8 values
-        dequantized at trained scales)."""
-        node = op.node
-        return (node.op_type == "MatMul" and len(node.input) == 2 and list(op.inputs) == [node.input[0]]
-                and self.kinds.get(node.input[1]) == "param")
-
-    def _matmul_copies(self, op, x, acts, index, delta):
-        """dense(rows) for a _weight_side_matmul: onnxruntime computes the weight from the moved params (as the loss
-        graph does); the copy is the base output with the weight's changed columns recomputed (activation @ those
-        columns), not a whole MatMul per perturbation (the int8 transformer's --scales: 0.35 ms a copy -> 0.05).
-        None where the weight is not 2-D (a batched MatMul)."""
-        a, w_name = op.node.input
-        params = self.manifest["params_input"]
-        session = self._op_sessions.get((op.output, w_name), lambda: self.probe_session(
-            cut(self.cuts.model, [params], [w_name])))
-        w0 = session.run(None, {params: x})[0]
-        if w0.ndim != 2:
-            return None
-        activation, base = acts[a], acts[op.output]
-
-        def dense(rows):
-            out, moved = np.repeat(base[None], len(rows), axis=0), x.copy()
-            for r, (i, d) in enumerate(zip(index[rows], delta[rows])):
-                moved[i] = x[i] + d
-                w = session.run(None, {params: moved})[0]
-                moved[i] = x[i]
-                columns = np.flatnonzero((w != w0).any(axis=0))
-                out[r][..., columns] = activation @ w[:, columns]
-            return out
-        return dense
 
     def direction_losses(self, params, probe, a0, y):
         """A direction probe (SPSA, MeZO, ZO-SGD: every weight moves in every row): the frozen part of the graph
