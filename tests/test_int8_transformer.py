@@ -80,3 +80,20 @@ def test_fanout_and_matmul_columns_give_what_the_plain_calls_give(transformer_in
         whole = op_copies(engine, op, x, acts, index, delta, columns=False)(rows)  # onnxruntime runs the op alone
         np.testing.assert_allclose(columns, whole, rtol=1e-5, atol=1e-6)
         assert not np.array_equal(columns[0], acts[op.output]) and not np.array_equal(columns[0], columns[1])
+
+
+def test_direction_probes_side_by_side_equal_one_call(transformer_int8, monkeypatch):
+    """MeZO's rows (the frozen part once, the int8 head once per row) split between the fanout's threads."""
+    from edgezo.runtime.engine import fanout
+    from edgezo.runtime.optim import MeZOSGD
+    monkeypatch.setattr(fanout, "SIDE_BY_SIDE_BYTES", 0)
+    art, feed = transformer_int8
+    head = export_onnx(art.parent / "int8.onnx", art.parent / "head", "cross_entropy", last_layers=1,
+                       log=lambda line: None)
+    fanned, single = load_artifact(head, "cpu", threads=2), load_artifact(head, "cpu", threads=2)
+    single.fast_engine().fan.workers = 1
+    probe = MeZOSGD(fanned.initial_params(), lr=0.01, mu=0.01, directions=5, seed=1).ask()
+    a = fanned.losses(fanned.initial_params(), probe, feed, feed)
+    b = single.losses(single.initial_params(), probe, feed, feed)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    assert fanned.paths_taken() == {"prefix": len(probe)}
