@@ -36,6 +36,16 @@ def direction(seed, n, distribution, dtype=np.float32):
     raise EdgezoError(f"distribution must be 'normal' or 'rademacher', got {distribution!r}")
 
 
+def coordinate_moves(params, index, delta):
+    """params with params[i] += d for each (i, d) in turn, in one buffer put back after each (the engine's
+    per-perturbation calls: a copy per row would cost every param each time). Use each before the next."""
+    moved = params.copy()
+    for i, d in zip(index, delta):
+        moved[i] = params[i] + d
+        yield moved
+        moved[i] = params[i]
+
+
 def perturbed(params, probe, row):
     """A new array: params moved to the probe's row (never perturbs params in place)."""
     x = params.copy()

@@ -27,7 +27,7 @@ naive path. device.py runs the same paths on an accelerator.
 import numpy as np
 
 from ..loss import per_sample_losses, scores_name
-from ..probes import perturbed
+from ..probes import coordinate_moves, perturbed
 from .fanout import Fanout, cpu_workers
 from .graph import Recent, Unsupported, cut, cut_session, downstream, frozen_frontier, subgraph_inputs
 from .op_copies import op_copies
@@ -140,7 +140,7 @@ class GraphEngine(StepEngine):
         """(a session of a cut for per-probe calls, its estimated MiB): single-threaded where the fanout runs
         several calls side by side, allocating from the shared arena on the CPU."""
         threads = 1 if self.fan.workers > 1 else self.cuts.threads
-        return cut_session(model, self.cuts.device, threads, arena="shared" if self.cuts.device == "cpu" else False)
+        return cut_session(model, self.cuts.device, threads, arena="shared")
 
     def run_suffix(self, start, rows, acts, sample, x):
         """Scores of the changed (copy, sample) rows [k, ...] of `start`, stacked on the batch axis; the other
@@ -220,12 +220,10 @@ class GraphEngine(StepEngine):
         base = {name: acts[name] for name in list(starts) + extra}
 
         def run(part):
-            feed, moved, out = dict(base), x.copy(), []
-            for i, d in zip(index[part], delta[part]):
-                moved[i] = x[i] + d
+            feed, out = dict(base), []
+            for moved in coordinate_moves(x, index[part], delta[part]):
                 feed[self.manifest["params_input"]] = moved
                 out.append(self.sample_losses(session.run(None, feed)[0], y).mean())
-                moved[i] = x[i]
             return np.array(out, np.float64)
         return self.fan.split(len(index), run, len(index) * len(y) * self.sample_bytes)
 

@@ -3,6 +3,7 @@ weight-side nodes (an int8 weight at trained scales, a fake-quantized bias or ma
 perturbation, on the step's base activations. The rest of the graph then runs on the copies stacked (core.py)."""
 import numpy as np
 
+from ..probes import coordinate_moves
 from .graph import cut
 
 
@@ -21,12 +22,10 @@ def op_copies(engine, op, x, acts, index, delta, columns=True):
 
     def dense(rows):
         def run(part):
-            feed, moved, out = dict(base), x.copy(), []
-            for i, d in zip(index[rows][part], delta[rows][part]):
-                moved[i] = x[i] + d
+            feed, out = dict(base), []
+            for moved in coordinate_moves(x, index[rows][part], delta[rows][part]):
                 feed[params] = moved
                 out.append(session.run(None, feed)[0])
-                moved[i] = x[i]
             return np.stack(out)
         return engine.fan.split(len(rows), run, len(rows) * base_bytes)
     return dense
@@ -56,11 +55,9 @@ def matmul_copies(engine, op, x, acts, index, delta):
     activation, base = acts[a], acts[op.output]
 
     def dense(rows):
-        out, moved = np.repeat(base[None], len(rows), axis=0), x.copy()
-        for r, (i, d) in enumerate(zip(index[rows], delta[rows])):
-            moved[i] = x[i] + d
+        out = np.repeat(base[None], len(rows), axis=0)
+        for r, moved in enumerate(coordinate_moves(x, index[rows], delta[rows])):
             w = session.run(None, {params: moved})[0]
-            moved[i] = x[i]
             changed = np.flatnonzero((w != w0).any(axis=0))
             out[r][..., changed] = activation @ w[:, changed]
         return out

@@ -145,7 +145,7 @@ def read_engine(cls, model_path, manifest, propagate=True, memory_mb=256, thread
     # with its own base session, an arena each held more (transformer last block: 175 vs 158 MiB): they share the
     # per-probe sessions' one arena (arena-less, each call page-faulted its activations in again: 1.3 ms of a 6 ms
     # base forward on the int8 transformer)
-    subgraphs.arena = True if len(engine.routes) <= 2 else "shared" if device == "cpu" else False
+    subgraphs.arena = True if len(engine.routes) <= 2 else "shared"
     if base is not None:  # the first step's base session, made while no data is loaded (run.prepare)
         subgraphs.session(engine.first_base_names())
     engine.limit_memory(max(memory_mb - budget.grown(), 1.0))  # what the build holds: the rest is for steps
